@@ -1,0 +1,72 @@
+"""Backend registry: each op has up to three implementations, tried in a fixed order.
+
+The order is cuda (CUDA C++ from the extension), triton, cpp (the extension's C++ CPU kernels),
+torch (the reference: runs anywhere and is the test oracle). `CASCADE_RT_BACKEND=torch` (or
+`triton`, `cuda`, `cpp`) forces one backend for every op where it can run, falling back to torch
+where it cannot; a comma list (`triton,torch`) sets the order. Models resolve their implementations once per
+stage setup with `resolve`, never per call inside the sampling loop.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+ORDER: tuple[str, ...] = ("cuda", "triton", "cpp", "torch")
+ENV_VAR = "CASCADE_RT_BACKEND"
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One backend of one op."""
+
+    backend: str
+    fn: Callable[..., Any]  # writes into its `out` argument(s)
+    supports: Callable[..., bool]  # (device, dtype, **shape facts) -> usable here?
+
+
+_REGISTRY: dict[str, dict[str, Impl]] = {}
+
+
+def register(op: str, impl: Impl) -> None:
+    if impl.backend not in ORDER:
+        raise ValueError(f"unknown backend {impl.backend!r}; expected one of {ORDER}")
+    _REGISTRY.setdefault(op, {})[impl.backend] = impl
+
+
+def backends(op: str) -> dict[str, Impl]:
+    """All registered implementations of `op`, keyed by backend."""
+    if op not in _REGISTRY:
+        raise KeyError(f"no op named {op!r}; known ops: {sorted(_REGISTRY)}")
+    return dict(_REGISTRY[op])
+
+
+def order() -> tuple[str, ...]:
+    """Backend preference order, from CASCADE_RT_BACKEND when it is set."""
+    raw = os.environ.get(ENV_VAR, "").strip()
+    if not raw:
+        return ORDER
+    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+    bad = [n for n in names if n not in ORDER]
+    if bad:
+        raise ValueError(f"{ENV_VAR}={raw!r} names unknown backend(s) {bad}; choose from {ORDER}")
+    # The reference stays last so every op can still run.
+    return names if "torch" in names else (*names, "torch")
+
+
+def resolve(op: str, backend: str | None = None, **facts: Any) -> Impl:
+    """First implementation of `op` that supports `facts` (device, dtype, sizes).
+
+    With `backend` given, that one is used or a ValueError says why not.
+    """
+    impls = backends(op)
+    names = (backend,) if backend is not None else order()
+    for name in names:
+        impl = impls.get(name)
+        if impl is not None and impl.supports(**facts):
+            return impl
+    if backend is not None:
+        raise ValueError(f"backend {backend!r} cannot run {op} for {facts}")
+    raise ValueError(f"no backend among {names} can run {op} for {facts}")

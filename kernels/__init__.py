@@ -1,0 +1,1 @@
+"""Triton kernels, one op per file; shipped in the wheel as `cascade_rt.kernels`."""
