@@ -43,7 +43,8 @@ def attention(
             check_tensor(OP, name, t, ndim=4, dtypes=(q.dtype,), device=q.device)
             if t.shape[0] != b or t.shape[2] != h or t.shape[3] != d:
                 raise ValueError(
-                    f"{OP}: {name} has shape {tuple(t.shape)}; expected [{b}, N, {h}, {d}] to match q"
+                    f"{OP}: {name} has shape {tuple(t.shape)}; "
+                    f"expected [{b}, N, {h}, {d}] to match q"
                 )
         if kt.shape[1] != vt.shape[1]:
             raise ValueError(f"{OP}: {kn} has {kt.shape[1]} tokens but {vn} has {vt.shape[1]}")

@@ -3,8 +3,8 @@
 The order is cuda (CUDA C++ from the extension), triton, cpp (the extension's C++ CPU kernels),
 torch (the reference: runs anywhere and is the test oracle). `CASCADE_RT_BACKEND=torch` (or
 `triton`, `cuda`, `cpp`) forces one backend for every op where it can run, falling back to torch
-where it cannot; a comma list (`triton,torch`) sets the order. Models resolve their implementations once per
-stage setup with `resolve`, never per call inside the sampling loop.
+where it cannot; a comma list (`triton,torch`) sets the order. Models resolve their
+implementations once per stage setup with `resolve`, never per call inside the sampling loop.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Model definitions: Stage C / Stage B UNet, Stage A VQGAN, CLIP text encoder and tokenizer."""
