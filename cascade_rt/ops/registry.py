@@ -43,6 +43,32 @@ def backends(op: str) -> dict[str, Impl]:
     return dict(_REGISTRY[op])
 
 
+def ops() -> list[str]:
+    """Names of every registered op."""
+    return sorted(_REGISTRY)
+
+
+def live_backends(op: str, device, dtypes=None) -> list[str]:
+    """Backends of `op` that can run on `device` for every dtype given (bf16 and fp32 by default),
+    in dispatch order. Shape facts are left at their defaults, so this answers 'in principle'."""
+    import torch
+
+    dtypes = dtypes or (torch.bfloat16, torch.float32)
+    impls = backends(op)
+    live = []
+    for name in order():
+        impl = impls.get(name)
+        if impl is None:
+            continue
+        try:
+            ok = all(impl.supports(device=device, dtype=dt) for dt in dtypes)
+        except TypeError:
+            ok = False
+        if ok:
+            live.append(name)
+    return live
+
+
 def order() -> tuple[str, ...]:
     """Backend preference order, from CASCADE_RT_BACKEND when it is set."""
     raw = os.environ.get(ENV_VAR, "").strip()
@@ -63,7 +89,12 @@ def resolve(op: str, backend: str | None = None, **facts: Any) -> Impl:
     """
     impls = backends(op)
     names = (backend,) if backend is not None else order()
+    # Triton on CPU tensors means the interpreter (tests only): never picked unless asked for.
+    automatic = backend is None and not os.environ.get(ENV_VAR, "").strip()
+    device = facts.get("device")
     for name in names:
+        if automatic and name == "triton" and device is not None and device.type != "cuda":
+            continue
         impl = impls.get(name)
         if impl is not None and impl.supports(**facts):
             return impl

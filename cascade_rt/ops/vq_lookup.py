@@ -36,12 +36,12 @@ def _cuda_fn(x, codebook, indices, quantized) -> None:
     )
 
 
-def _cpp_supports(device: torch.device, dim: int, **_: object) -> bool:
+def _cpp_supports(device: torch.device, dim: int = 4, **_: object) -> bool:
     mod = _ext.native()
     return mod is not None and device.type == "cpu" and dim <= mod.vq_max_dim
 
 
-def _cuda_supports(device: torch.device, dim: int, **_: object) -> bool:
+def _cuda_supports(device: torch.device, dim: int = 4, **_: object) -> bool:
     return _ext.has_cuda() and device.type == "cuda" and dim <= _ext.native().vq_max_dim
 
 

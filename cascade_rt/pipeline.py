@@ -1,0 +1,473 @@
+"""Cascade: text -> Stage C -> Stage B -> Stage A -> image, with diffusers' argument names.
+
+`Cascade.from_pretrained` reads any supported checkpoint layout (cascade_rt/weights), and calling
+the object takes the arguments of diffusers' StableCascadeCombinedPipeline, so porting is a
+one-line change and, with the default recipe, the same weights and seed give the same image.
+Stage math lives in cascade_rt/models, sampler math in cascade_rt/sampling; this module only
+orchestrates: validate everything first, then encode text, run the two diffusion loops, decode.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from cascade_rt.resolution import latent_sizes
+from cascade_rt.sampling import Sampler, draw_noise, make_sampler
+
+logger = logging.getLogger("cascade_rt")
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+RECIPES = ("diffusers", "stability")
+# Call defaults per recipe: diffusers' StableCascadeCombinedPipeline, and the official notebooks.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "diffusers": {
+        "height": 512,
+        "width": 512,
+        "prior_num_inference_steps": 60,
+        "prior_guidance_scale": 4.0,
+        "num_inference_steps": 12,
+        "decoder_guidance_scale": 0.0,
+    },
+    "stability": {
+        "height": 1024,
+        "width": 1024,
+        "prior_num_inference_steps": 20,
+        "prior_guidance_scale": 4.0,
+        "num_inference_steps": 10,
+        "decoder_guidance_scale": 1.1,
+    },
+}
+
+
+@dataclass
+class CascadeOutput:
+    """What a call returns: `.images` as asked by output_type, plus per-stage wall times (ms)."""
+
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning, already repeated for num_images_per_prompt (cond and uncond rows)."""
+
+    text: torch.Tensor  # [N, 77, C] hidden_states[-1] of the text encoder
+    pooled: torch.Tensor  # [N, 1, P] projected EOS embedding
+    uncond_text: torch.Tensor | None  # [N, 77, C] for the negative prompt, when guidance is on
+    uncond_pooled: torch.Tensor | None  # [N, 1, P]
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _as_prompt_list(prompt: str | Sequence[str], name: str) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise TypeError(f"{name} must be a str or a non-empty list of str, got {prompt!r}")
+
+
+def _check_number(name: str, value: Any, *, integer: bool, minimum: float) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+class Cascade:
+    """The three-stage Stable Cascade pipeline on one device and dtype."""
+
+    def __init__(
+        self,
+        *,
+        tokenizer: Any,
+        text_encoder: torch.nn.Module,
+        prior: torch.nn.Module,
+        decoder: torch.nn.Module,
+        vqgan: torch.nn.Module,
+        vqgan_scale_factor: float,
+        prior_scheduler_config: dict | None = None,
+        decoder_scheduler_config: dict | None = None,
+        recipe: str = "diffusers",
+        random_weights: bool = False,
+    ) -> None:
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.prior = prior
+        self.decoder = decoder
+        self.vqgan = vqgan
+        self.vqgan_scale_factor = float(vqgan_scale_factor)
+        self.recipe = recipe
+        self.random_weights = random_weights
+        self.prior_sampler: Sampler = make_sampler(recipe, "prior", prior_scheduler_config)
+        self.decoder_sampler: Sampler = make_sampler(recipe, "decoder", decoder_scheduler_config)
+        weight = next(prior.parameters())
+        self.device: torch.device = weight.device
+        self.dtype: torch.dtype = weight.dtype
+        self.progress = True
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        decoder_path: str | Path | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        variant: str | None = None,
+        prior_lite: bool = False,
+        decoder_lite: bool = False,
+        recipe: str = "diffusers",
+        vqgan_scale_factor: float | None = None,
+    ) -> Cascade:
+        """Loads a cascade from any supported layout (see cascade_rt/weights/layout.py).
+
+        `path` holds the prior (and usually everything else); `decoder_path` is where Stage B and
+        Stage A live when they are elsewhere (the two diffusers hub repos). device defaults to CUDA
+        when present, dtype to bfloat16 on CUDA and float32 on CPU. `vqgan_scale_factor` overrides
+        the checkpoint's latent scale (diffusers 0.3764, official Stage A 0.43).
+        """
+        from cascade_rt.loading import load_cascade_components
+
+        parts = load_cascade_components(
+            Path(path),
+            decoder_path=Path(decoder_path) if decoder_path is not None else None,
+            device=resolve_device(device),
+            dtype=resolve_dtype(dtype, resolve_device(device)),
+            variant=variant,
+            prior_lite=prior_lite,
+            decoder_lite=decoder_lite,
+        )
+        if vqgan_scale_factor is not None:
+            parts["vqgan_scale_factor"] = vqgan_scale_factor
+        return cls(**parts, recipe=recipe)
+
+    @classmethod
+    def from_random_weights(
+        cls,
+        size: str = "tiny",
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        seed: int = 0,
+        recipe: str = "diffusers",
+    ) -> Cascade:
+        """A built-in small cascade with random weights: it runs the whole path, its pictures
+        are noise."""
+        import tempfile
+
+        from cascade_rt.random_weights import TINY_VQGAN_CONFIG, build_tiny_models
+
+        if size != "tiny":
+            raise ValueError(f"unknown random-weight size {size!r}; available: 'tiny'")
+        dev = resolve_device(device)
+        with tempfile.TemporaryDirectory(prefix="cascade_rt_tok_") as tmp:
+            parts = build_tiny_models(
+                Path(tmp), device=dev, dtype=resolve_dtype(dtype, dev), seed=seed
+            )
+        return cls(
+            **parts,
+            vqgan_scale_factor=TINY_VQGAN_CONFIG["scale_factor"],
+            recipe=recipe,
+            random_weights=True,
+        )
+
+    # ------------------------------------------------------------------ stages
+    @torch.inference_mode()
+    def encode_prompt(
+        self,
+        prompt: list[str],
+        negative_prompt: list[str] | None,
+        num_images_per_prompt: int,
+    ) -> PromptEmbeds:
+        """CLIP conditioning as diffusers computes it (hidden_states[-1] and text_embeds)."""
+        texts = prompt + (negative_prompt or [])
+        tokens = self.tokenizer(texts)
+        for text, cut in zip(texts, tokens.truncated, strict=True):
+            if cut:
+                logger.warning(
+                    "The following part of your input was truncated because CLIP can only handle "
+                    "sequences up to %d tokens: %r (prompt %r)",
+                    tokens.input_ids.shape[1],
+                    cut,
+                    text,
+                )
+        ids = tokens.input_ids.to(self.device)
+        mask = tokens.attention_mask.to(self.device)
+        hidden, pooled = self.text_encoder(ids, mask)  # [M, 77, C], [M, P]
+        pooled = pooled.unsqueeze(1)  # [M, 1, P]
+        hidden = hidden.repeat_interleave(num_images_per_prompt, dim=0)
+        pooled = pooled.repeat_interleave(num_images_per_prompt, dim=0)
+        n = len(prompt) * num_images_per_prompt
+        if negative_prompt is None:
+            return PromptEmbeds(hidden, pooled, None, None)
+        return PromptEmbeds(hidden[:n], pooled[:n], hidden[n:], pooled[n:])
+
+    def _denoise(
+        self,
+        model: torch.nn.Module,
+        sampler: Sampler,
+        x: torch.Tensor,
+        steps: int,
+        guidance_scale: float,
+        cond: dict[str, torch.Tensor],
+        generator: torch.Generator | list[torch.Generator] | None,
+        desc: str,
+    ) -> torch.Tensor:
+        """One stage's sampling loop. `cond` tensors already hold [cond; uncond] rows when
+        guidance is on."""
+        guided = sampler.guidance_enabled(guidance_scale)
+        plan = sampler.plan(steps, self.device)
+        batch = x.shape[0]
+        for i in tqdm(range(plan.num_steps), desc=desc, disable=not self.progress, leave=False):
+            r = plan.model_r[i].expand(batch)  # [B] fp32
+            if guided:
+                eps_c, eps_u = model(
+                    sample=torch.cat([x, x]), timestep_ratio=torch.cat([r, r]), **cond
+                ).chunk(2)
+                eps = sampler.guide(eps_c, eps_u, guidance_scale)
+            else:
+                eps = model(sample=x, timestep_ratio=r, **cond)
+            noise = draw_noise(x.shape, generator, self.device, x.dtype)
+            x = sampler.step(plan, i, x, eps, noise)
+        return sampler.result(plan, x)
+
+    # ------------------------------------------------------------------ call
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        height: int | None = None,
+        width: int | None = None,
+        prior_num_inference_steps: int | None = None,
+        prior_guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+        decoder_guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+    ) -> CascadeOutput:
+        """Generates images; argument names and defaults follow StableCascadeCombinedPipeline
+        (with recipe="stability", the official notebooks' defaults). Everything is validated
+        before any model runs."""
+        d = DEFAULTS[self.recipe]
+        height = d["height"] if height is None else height
+        width = d["width"] if width is None else width
+        prior_steps = _or(prior_num_inference_steps, d["prior_num_inference_steps"])
+        prior_g = _or(prior_guidance_scale, d["prior_guidance_scale"])
+        steps = _or(num_inference_steps, d["num_inference_steps"])
+        dec_g = _or(decoder_guidance_scale, d["decoder_guidance_scale"])
+        prompts = _as_prompt_list(prompt, "prompt")
+        negatives = None
+        if negative_prompt is not None:
+            negatives = _as_prompt_list(negative_prompt, "negative_prompt")
+            if len(negatives) == 1 and len(prompts) > 1:
+                negatives = negatives * len(prompts)
+            if len(negatives) != len(prompts):
+                raise ValueError(
+                    f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}"
+                )
+        _check_number("prior_num_inference_steps", prior_steps, integer=True, minimum=1)
+        _check_number("num_inference_steps", steps, integer=True, minimum=1)
+        _check_number("prior_guidance_scale", prior_g, integer=False, minimum=0)
+        _check_number("decoder_guidance_scale", dec_g, integer=False, minimum=0)
+        _check_number("num_images_per_prompt", num_images_per_prompt, integer=True, minimum=1)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        sizes = latent_sizes(height, width, self.recipe)
+        n = len(prompts) * num_images_per_prompt
+        self._check_generator(generator, n)
+        prior_shape = (n, self.prior.config.in_channels, *sizes.stage_c)
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != prior_shape:
+                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents)
+                raise ValueError(f"latents must have shape {prior_shape}, got {got}")
+            if not latents.is_floating_point() or not torch.isfinite(latents).all():
+                raise ValueError("latents must be a finite floating-point tensor")
+        prior_guided = self.prior_sampler.guidance_enabled(prior_g)
+        decoder_guided = self.decoder_sampler.guidance_enabled(dec_g)
+        if (prior_guided or decoder_guided) and negatives is None:
+            negatives = [""] * len(prompts)
+        if not (prior_guided or decoder_guided):
+            negatives = None
+
+        timings: dict[str, float] = {}
+        clock = _StageClock(self.device, timings)
+        with clock("text_encoder"):
+            emb = self.encode_prompt(prompts, negatives, num_images_per_prompt)
+        with clock("prior"):
+            image_embeddings = self._run_prior(
+                emb, prior_shape, prior_steps, prior_g, generator, latents, prior_guided
+            )
+        with clock("decoder"):
+            stage_b = self._run_decoder(
+                emb, image_embeddings, sizes.stage_b, steps, dec_g, generator, decoder_guided
+            )
+        if output_type == "latent":
+            return CascadeOutput(stage_b, timings)
+        with clock("vqgan"):
+            images = self.vqgan.decode(stage_b * self.vqgan_scale_factor).clamp(0, 1)
+        timings["total"] = sum(timings.values())
+        return CascadeOutput(_convert(images, output_type), timings)
+
+    def _run_prior(
+        self,
+        emb: PromptEmbeds,
+        shape: tuple[int, ...],
+        steps: int,
+        guidance: float,
+        generator,
+        latents: torch.Tensor | None,
+        guided: bool,
+    ) -> torch.Tensor:
+        if latents is None:
+            x = draw_noise(shape, generator, self.device, self.dtype)
+        else:
+            x = latents.to(device=self.device, dtype=self.dtype)
+        x = x * self.prior_sampler.init_noise_sigma
+        clip_img = torch.zeros(
+            shape[0],
+            1,
+            self.prior.config.clip_image_in_channels,
+            device=self.device,
+            dtype=self.dtype,
+        )  # text-to-image: no image
+        if guided:
+            cond = {
+                "clip_text": torch.cat([emb.text, emb.uncond_text]),
+                "clip_text_pooled": torch.cat([emb.pooled, emb.uncond_pooled]),
+                "clip_img": torch.cat([clip_img, clip_img]),
+            }
+        else:
+            cond = {"clip_text": emb.text, "clip_text_pooled": emb.pooled, "clip_img": clip_img}
+        return self._denoise(
+            self.prior, self.prior_sampler, x, steps, guidance, cond, generator, "Stage C"
+        )
+
+    def _run_decoder(
+        self,
+        emb: PromptEmbeds,
+        image_embeddings: torch.Tensor,
+        size: tuple[int, int],
+        steps: int,
+        guidance: float,
+        generator,
+        guided: bool,
+    ) -> torch.Tensor:
+        n = image_embeddings.shape[0]
+        shape = (n, self.decoder.config.in_channels, *size)
+        x = draw_noise(shape, generator, self.device, self.dtype)
+        x = x * self.decoder_sampler.init_noise_sigma
+        if guided:
+            cond = {
+                "clip_text_pooled": torch.cat([emb.pooled, emb.uncond_pooled]),
+                "effnet": torch.cat([image_embeddings, torch.zeros_like(image_embeddings)]),
+            }
+        else:
+            cond = {"clip_text_pooled": emb.pooled, "effnet": image_embeddings}
+        return self._denoise(
+            self.decoder, self.decoder_sampler, x, steps, guidance, cond, generator, "Stage B"
+        )
+
+    def _check_generator(self, generator, batch: int) -> None:
+        gens = generator if isinstance(generator, list) else [generator]
+        if isinstance(generator, list) and len(generator) not in (1, batch):
+            raise ValueError(
+                f"got a list of {len(generator)} generators for {batch} images "
+                "(prompts x num_images_per_prompt); pass one generator or one per image"
+            )
+        for g in gens:
+            if g is None:
+                continue
+            if not isinstance(g, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator, got {type(g).__name__}")
+            if g.device.type != "cpu" and g.device.type != self.device.type:
+                raise ValueError(
+                    f"a {g.device.type} generator cannot draw noise for a {self.device} pipeline; "
+                    "use a CPU generator or one on the pipeline's device"
+                )
+
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        """Turns the per-stage progress bars off or on (diffusers' method name)."""
+        self.progress = not disable
+
+
+class _StageClock:
+    """Wall time per stage in ms; synchronises CUDA at stage boundaries only."""
+
+    def __init__(self, device: torch.device, sink: dict[str, float]) -> None:
+        self.device = device
+        self.sink = sink
+
+    def __call__(self, name: str) -> _StageClock:
+        self.name = name
+        return self
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self) -> None:
+        self._sync()
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self._sync()
+        self.sink[self.name] = (time.perf_counter() - self.start) * 1e3
+
+
+def _convert(images: torch.Tensor, output_type: str):
+    """[B, 3, H, W] in [0, 1] -> the requested output type (diffusers' conversions)."""
+    if output_type == "pt":
+        return images
+    arr = images.permute(0, 2, 3, 1).float().cpu().numpy()  # [B, H, W, 3]
+    if output_type == "np":
+        return arr
+    return [Image.fromarray(img) for img in (arr * 255).round().astype("uint8")]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {dev} was asked for but CUDA is not available here")
+    return dev
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in names:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(names)}")
+        return names[dtype]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
+    return dtype

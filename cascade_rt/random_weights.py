@@ -1,0 +1,191 @@
+"""Small random-weight cascades: the built-in `--random-weights tiny` model and test fixtures.
+
+Weights are drawn away from the zero defaults that several layers start at (GRN gamma/beta,
+Stage A gammas, output convolutions), so a wrong wiring cannot hide behind a zero, and Stage A's
+output is biased towards mid-grey so decoded pixels stay mostly inside (0, 1) and the final
+clamp hides nothing. Pictures from these weights are noise.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Diffusers-style configs of the tiny cascade. Head dim stays 64 as in every released model.
+TINY_TEXT_HIDDEN = 64
+TINY_PRIOR_CONFIG: dict = {
+    "in_channels": 16,
+    "out_channels": 16,
+    "timestep_ratio_embedding_dim": 64,
+    "patch_size": 1,
+    "conditioning_dim": 128,
+    "block_out_channels": [128, 128],
+    "num_attention_heads": [2, 2],
+    "down_num_layers_per_block": [1, 2],
+    "up_num_layers_per_block": [2, 1],
+    "down_blocks_repeat_mappers": [1, 1],
+    "up_blocks_repeat_mappers": [1, 1],
+    "block_types_per_layer": [
+        ["SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"],
+        ["SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"],
+    ],
+    "clip_text_in_channels": TINY_TEXT_HIDDEN,
+    "clip_text_pooled_in_channels": TINY_TEXT_HIDDEN,
+    "clip_image_in_channels": 32,
+    "clip_seq": 4,
+    "effnet_in_channels": None,
+    "pixel_mapper_in_channels": None,
+    "kernel_size": 3,
+    "dropout": [0.0, 0.0],
+    "self_attn": True,
+    "timestep_conditioning_type": ["sca", "crp"],
+    "switch_level": [False],
+}
+TINY_DECODER_CONFIG: dict = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "timestep_ratio_embedding_dim": 64,
+    "patch_size": 2,
+    "conditioning_dim": 128,
+    "block_out_channels": [32, 64, 128, 128],
+    "num_attention_heads": [0, 0, 2, 2],
+    "down_num_layers_per_block": [1, 1, 1, 1],
+    "up_num_layers_per_block": [1, 1, 1, 1],
+    "down_blocks_repeat_mappers": [1, 1, 1, 1],
+    "up_blocks_repeat_mappers": [2, 2, 2, 1],
+    "block_types_per_layer": [
+        ["SDCascadeResBlock", "SDCascadeTimestepBlock"],
+        ["SDCascadeResBlock", "SDCascadeTimestepBlock"],
+        ["SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"],
+        ["SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"],
+    ],
+    "clip_text_in_channels": None,
+    "clip_text_pooled_in_channels": TINY_TEXT_HIDDEN,
+    "clip_image_in_channels": None,
+    "clip_seq": 4,
+    "effnet_in_channels": 16,
+    "pixel_mapper_in_channels": 3,
+    "kernel_size": 3,
+    "dropout": [0.0, 0.0, 0.0, 0.0],
+    "self_attn": True,
+    "timestep_conditioning_type": ["sca"],
+    "switch_level": None,
+}
+TINY_VQGAN_CONFIG: dict = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "up_down_scale_factor": 2,
+    "levels": 2,
+    "bottleneck_blocks": 2,
+    "embed_dim": 64,
+    "latent_channels": 4,
+    "num_vq_embeddings": 64,
+    "scale_factor": 0.3764,
+}
+
+
+# Stage A's last convolution (official key names): small weights around a mid-grey bias.
+STAGE_A_OUT_WEIGHT = "out_block.0.weight"
+STAGE_A_OUT_BIAS = "out_block.0.bias"
+
+
+def tiny_text_encoder_config(vocab_size: int) -> dict:
+    """Hugging Face CLIPTextConfig dict for the tiny text encoder; ids follow the CLIP vocab rule
+    (bos and eos are the last two ids, padding uses eos)."""
+    return {
+        "architectures": ["CLIPTextModelWithProjection"],
+        "model_type": "clip_text_model",
+        "vocab_size": vocab_size,
+        "hidden_size": TINY_TEXT_HIDDEN,
+        "intermediate_size": 4 * TINY_TEXT_HIDDEN,
+        "projection_dim": TINY_TEXT_HIDDEN,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 77,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 1,
+    }
+
+
+def _fan_in(shape: torch.Size) -> int:
+    return max(1, math.prod(shape[1:]))
+
+
+@torch.no_grad()
+def randomize_(module: nn.Module, seed: int) -> nn.Module:
+    """Fills every parameter and buffer of `module` (on a real device) with seeded random values.
+
+    Matrices and convolutions get N(0, 1/fan_in) so activations stay O(1); vectors (biases, GRN
+    gamma/beta, Stage A gammas) get small non-zero values; LayerNorm weights sit near one;
+    BatchNorm statistics are plausible. Stage A's output layer is steered towards mid-grey.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal(shape: torch.Size, std: float) -> torch.Tensor:
+        return torch.randn(shape, generator=gen) * std
+
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        leaf = name.rsplit(".", 1)[-1]
+        if not t.is_floating_point():
+            value = torch.zeros(t.shape, dtype=t.dtype)
+        elif leaf == "running_var":
+            value = torch.rand(t.shape, generator=gen) + 0.5
+        elif leaf == "running_mean":
+            value = normal(t.shape, 0.1)
+        elif leaf in ("gamma", "beta", "gammas"):
+            value = normal(t.shape, 0.2)
+        elif "norm" in name and leaf == "weight":
+            value = 1.0 + normal(t.shape, 0.1)
+        elif "embedding" in name and t.dim() == 2 and "mapper" not in name:
+            value = normal(t.shape, 0.5)
+        elif t.dim() >= 2:
+            value = normal(t.shape, 1.0 / math.sqrt(_fan_in(t.shape)))
+        else:
+            value = normal(t.shape, 0.05)
+        if name == STAGE_A_OUT_WEIGHT:
+            value = value * 0.1
+        elif name == STAGE_A_OUT_BIAS:
+            value = torch.full(t.shape, 0.5)
+        t.copy_(value.to(t.dtype))
+    return module
+
+
+def _materialize(module: nn.Module, seed: int, device: torch.device, dtype: torch.dtype):
+    module = module.to_empty(device="cpu")
+    randomize_(module, seed)
+    return module.to(device=device, dtype=dtype).eval()
+
+
+def build_tiny_models(
+    tokenizer_dir: Path, *, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> dict[str, object]:
+    """The tiny cascade in memory: tokenizer, text_encoder, prior, decoder, vqgan.
+
+    `tokenizer_dir` receives the tiny CLIP vocabulary files.
+    """
+    from cascade_rt.models.stage_a import StageA, StageAConfig
+    from cascade_rt.models.text_encoder import CLIPTextConfig, CLIPTextEncoder
+    from cascade_rt.models.tokenizer import CLIPTokenizer, write_tiny_clip_vocab
+    from cascade_rt.models.unet import StableCascadeUNet, UNetConfig
+
+    write_tiny_clip_vocab(tokenizer_dir)
+    tokenizer = CLIPTokenizer.from_folder(tokenizer_dir)
+    te_config = CLIPTextConfig.from_dict(tiny_text_encoder_config(tokenizer.vocab_size))
+    with torch.device("meta"):
+        text_encoder = CLIPTextEncoder(te_config)
+        prior = StableCascadeUNet(UNetConfig.from_dict(TINY_PRIOR_CONFIG))
+        decoder = StableCascadeUNet(UNetConfig.from_dict(TINY_DECODER_CONFIG))
+        vqgan = StageA(StageAConfig.from_dict(TINY_VQGAN_CONFIG))
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": _materialize(text_encoder, seed, device, dtype),
+        "prior": _materialize(prior, seed + 1, device, dtype),
+        "decoder": _materialize(decoder, seed + 2, device, dtype),
+        "vqgan": _materialize(vqgan, seed + 3, device, dtype),
+    }
