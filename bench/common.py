@@ -203,9 +203,11 @@ def row(
     r: dict[str, Any] = {"op": op, "backend": backend, "shape": shape, "dtype": SHORT_DTYPE[dtype]}
     if timing is not None:
         us = timing["median_us"]
-        r.update(us=round(us, 3), p10_us=round(timing["p10_us"], 3), p90_us=round(timing["p90_us"], 3))
+        r.update(
+            us=round(us, 3), p10_us=round(timing["p10_us"], 3), p90_us=round(timing["p90_us"], 3)
+        )
         if nbytes is not None:
-            r["gbps"] = round(nbytes / us / 1e3, 2)
+            r["gbps"] = round(nbytes / us / 1e3, 3)
         if flops is not None:
             r["tflops"] = round(flops / us / 1e6, 4)
         if flops is not None and peak_dtype is not None:
@@ -265,4 +267,4 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
             rate = f"{r['tflops']:.3f} TFLOP/s" if "tflops" in r else f"{r.get('gbps', 0):.1f} GB/s"
             pct = f" ({r['pct_of_peak']:.1f}% of peak)" if "pct_of_peak" in r else ""
             figure = f"{r['us']:>12.1f} us  {rate}{pct}"
-        print(f"{r['op']:<16} {r['backend']:<14} {r['dtype']:<5} {r['shape']:<28} {figure}")
+        print(f"{r['op']:<16} {r['backend']:<22} {r['dtype']:<5} {r['shape']:<28} {figure}")

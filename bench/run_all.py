@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             failed.append(name)
             err = traceback.format_exception_only(type(exc), exc)[-1].strip()[:500]
-            common.write_rows([{"op": name, "backend": "*", "error": err, **common.env_info()}],
-                              "run_all")
+            common.write_rows(
+                [{"op": name, "backend": "*", "error": err, **common.env_info()}], "run_all"
+            )
         print(f"== {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
     if failed:
         print(f"failed: {failed}", file=sys.stderr)

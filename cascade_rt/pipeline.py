@@ -223,30 +223,36 @@ class Cascade:
         self,
         model: torch.nn.Module,
         sampler: Sampler,
-        x: torch.Tensor,
+        x: torch.Tensor | None,
+        shape: tuple[int, ...],
         steps: int,
         guidance_scale: float,
         cond: dict[str, torch.Tensor],
         generator: torch.Generator | list[torch.Generator] | None,
         desc: str,
     ) -> torch.Tensor:
-        """One stage's sampling loop. `cond` tensors already hold [cond; uncond] rows when
-        guidance is on."""
+        """One stage's sampling loop from `x` (or fresh noise of `shape` when None), returning the
+        recipe's result. `cond` tensors already hold [cond; uncond] rows when guidance is on."""
         guided = sampler.guidance_enabled(guidance_scale)
-        plan = sampler.plan(steps, self.device)
+        plan = sampler.plan(steps, self.device, self.dtype)
+        if x is None:
+            x = sampler.initial_noise(plan, shape, generator)
+        else:
+            x = x.to(device=self.device, dtype=plan.latent_dtype)
         batch = x.shape[0]
         for i in tqdm(range(plan.num_steps), desc=desc, disable=not self.progress, leave=False):
             r = plan.model_r[i].expand(batch)  # [B] fp32
+            xm = x.to(self.dtype)  # the stability recipe keeps x in fp32
             if guided:
                 eps_c, eps_u = model(
-                    sample=torch.cat([x, x]), timestep_ratio=torch.cat([r, r]), **cond
+                    sample=torch.cat([xm, xm]), timestep_ratio=torch.cat([r, r]), **cond
                 ).chunk(2)
                 eps = sampler.guide(eps_c, eps_u, guidance_scale)
             else:
-                eps = model(sample=x, timestep_ratio=r, **cond)
+                eps = model(sample=xm, timestep_ratio=r, **cond)
             noise = draw_noise(x.shape, generator, self.device, x.dtype)
             x = sampler.step(plan, i, x, eps, noise)
-        return sampler.result(plan, x)
+        return x.to(self.dtype)
 
     # ------------------------------------------------------------------ call
     @torch.inference_mode()
@@ -338,11 +344,6 @@ class Cascade:
         latents: torch.Tensor | None,
         guided: bool,
     ) -> torch.Tensor:
-        if latents is None:
-            x = draw_noise(shape, generator, self.device, self.dtype)
-        else:
-            x = latents.to(device=self.device, dtype=self.dtype)
-        x = x * self.prior_sampler.init_noise_sigma
         clip_img = torch.zeros(
             shape[0],
             1,
@@ -359,7 +360,15 @@ class Cascade:
         else:
             cond = {"clip_text": emb.text, "clip_text_pooled": emb.pooled, "clip_img": clip_img}
         return self._denoise(
-            self.prior, self.prior_sampler, x, steps, guidance, cond, generator, "Stage C"
+            self.prior,
+            self.prior_sampler,
+            latents,
+            shape,
+            steps,
+            guidance,
+            cond,
+            generator,
+            "Stage C",
         )
 
     def _run_decoder(
@@ -374,8 +383,6 @@ class Cascade:
     ) -> torch.Tensor:
         n = image_embeddings.shape[0]
         shape = (n, self.decoder.config.in_channels, *size)
-        x = draw_noise(shape, generator, self.device, self.dtype)
-        x = x * self.decoder_sampler.init_noise_sigma
         if guided:
             cond = {
                 "clip_text_pooled": torch.cat([emb.pooled, emb.uncond_pooled]),
@@ -384,7 +391,15 @@ class Cascade:
         else:
             cond = {"clip_text_pooled": emb.pooled, "effnet": image_embeddings}
         return self._denoise(
-            self.decoder, self.decoder_sampler, x, steps, guidance, cond, generator, "Stage B"
+            self.decoder,
+            self.decoder_sampler,
+            None,
+            shape,
+            steps,
+            guidance,
+            cond,
+            generator,
+            "Stage B",
         )
 
     def _check_generator(self, generator, batch: int) -> None:

@@ -87,7 +87,11 @@ TINY_VQGAN_CONFIG: dict = {
 }
 
 
-# Stage A's last convolution (official key names): small weights around a mid-grey bias.
+# A random Stage B predicts noise badly, so its latents end ~100x larger than a trained one's
+# (x0 = x / sqrt(alpha_cumprod) with alpha_cumprod(1) = 1e-4); Stage A's first decoder convolution
+# is scaled down to match, and its last one gets small weights around a mid-grey bias
+# (official key names).
+STAGE_A_IN_WEIGHT = "up_blocks.0.0.weight"
 STAGE_A_OUT_WEIGHT = "out_block.0.weight"
 STAGE_A_OUT_BIAS = "out_block.0.bias"
 
@@ -148,7 +152,9 @@ def randomize_(module: nn.Module, seed: int) -> nn.Module:
             value = normal(t.shape, 1.0 / math.sqrt(_fan_in(t.shape)))
         else:
             value = normal(t.shape, 0.05)
-        if name == STAGE_A_OUT_WEIGHT:
+        if name == STAGE_A_IN_WEIGHT:
+            value = value * 0.01
+        elif name == STAGE_A_OUT_WEIGHT:
             value = value * 0.1
         elif name == STAGE_A_OUT_BIAS:
             value = torch.full(t.shape, 0.5)

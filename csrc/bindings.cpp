@@ -1,6 +1,7 @@
 // The only pybind11 file: one m.def per launcher. Pointers arrive as uintptr_t (from
 // tensor.data_ptr()) and CUDA streams as the raw cudaStream_t handle, so no torch headers are needed.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>  // AttentionStrides (std::array) from a Python tuple
 
 #include <cstdint>
 
@@ -25,6 +26,7 @@ PYBIND11_MODULE(_C, m) {
       false;
 #endif
   m.attr("vq_max_dim") = cascade_rt::kVqMaxDim;
+  m.attr("attention_cuda_max_head_dim") = cascade_rt::kAttentionCudaMaxHeadDim;
 
   m.def(
       "vq_lookup_cpu",
@@ -48,5 +50,25 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("codebook"), py::arg("indices"), py::arg("quantized"), py::arg("n"),
       py::arg("k"), py::arg("d"), py::arg("dtype"), py::arg("stream"));
+
+  using cascade_rt::AttentionStrides;
+  m.def(
+      "attention_cuda",
+      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t k2, uintptr_t v2, uintptr_t out,
+         int64_t batch, int64_t heads, int64_t head_dim, int64_t nq, int64_t nk, int64_t nc,
+         const AttentionStrides& q_strides, const AttentionStrides& k_strides,
+         const AttentionStrides& v_strides, const AttentionStrides& k2_strides,
+         const AttentionStrides& v2_strides, const AttentionStrides& out_strides, int dtype,
+         uintptr_t stream) {
+        cascade_rt::attention_cuda(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v),
+                                   ptr<const void>(k2), ptr<const void>(v2), ptr<void>(out), batch,
+                                   heads, head_dim, nq, nk, nc, q_strides, k_strides, v_strides,
+                                   k2_strides, v2_strides, out_strides, dtype, ptr<void>(stream));
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("k2"), py::arg("v2"), py::arg("out"),
+      py::arg("batch"), py::arg("heads"), py::arg("head_dim"), py::arg("nq"), py::arg("nk"),
+      py::arg("nc"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"),
+      py::arg("k2_strides"), py::arg("v2_strides"), py::arg("out_strides"), py::arg("dtype"),
+      py::arg("stream"));
 #endif
 }

@@ -2,6 +2,7 @@
 // sources and by bindings.cpp. Tensors travel as raw pointers plus sizes; CUDA launchers take the
 // stream to launch on (cudaStream_t passed as void*) so they land in whatever graph is capturing.
 #pragma once
+#include <array>
 #include <cstdint>
 
 namespace cascade_rt {
@@ -21,6 +22,24 @@ void vq_lookup_cpu(const void* x, const void* codebook, int64_t* indices, void* 
 #ifdef CASCADE_RT_WITH_CUDA
 void vq_lookup_cuda(const void* x, const void* codebook, int64_t* indices, void* quantized,
                     int64_t n, int64_t k, int64_t d, int dtype, void* stream);
+#endif
+
+// Largest head dim the CUDA attention kernels hold in registers (the models use 64).
+constexpr int kAttentionCudaMaxHeadDim = 128;
+
+// Element strides (batch, token, head) of a [B, N, H, D] tensor whose head dim is unit-stride.
+using AttentionStrides = std::array<int64_t, 3>;
+
+// attention: out = softmax(q [k; k2]^T / sqrt(D)) [v; v2] per (batch, head), fp32 softmax.
+// q, out: [B, Nq, H, D]; k, v: [B, Nk, H, D]; k2, v2: [B, Nc, H, D], null when nc == 0. All share
+// `dtype`; each has its own strides, so slices of a fused qkv projection are read in place.
+#ifdef CASCADE_RT_WITH_CUDA
+void attention_cuda(const void* q, const void* k, const void* v, const void* k2, const void* v2,
+                    void* out, int64_t batch, int64_t heads, int64_t head_dim, int64_t nq,
+                    int64_t nk, int64_t nc, const AttentionStrides& q_strides,
+                    const AttentionStrides& k_strides, const AttentionStrides& v_strides,
+                    const AttentionStrides& k2_strides, const AttentionStrides& v2_strides,
+                    const AttentionStrides& out_strides, int dtype, void* stream);
 #endif
 
 }  // namespace cascade_rt

@@ -17,6 +17,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    # Triton's interpreter multiplies the raw bits of bf16 operands (triton-lang/triton#11584), so
+    # CPU runs upcast them. That is exact: bf16 products fit in fp32, where the GPU accumulates too.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    # ieee: fp32 inputs must not be rounded to tf32 (bf16/fp16 dots ignore the setting).
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
 def _attend_source(
     acc,  # [BLOCK_M, BLOCK_D] fp32, unnormalized output
     m_i,  # [BLOCK_M] fp32, running max of the log2-domain scores
@@ -31,6 +42,7 @@ def _attend_source(
     offs_d,  # [BLOCK_D]
     d_mask,  # [BLOCK_D]
     BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     for start in range(0, n, BLOCK_N):
@@ -38,8 +50,7 @@ def _attend_source(
         key_mask = keys < n
         kv_mask = key_mask[:, None] & d_mask[None, :]
         k = tl.load(k_ptr + keys[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        # ieee: fp32 inputs must not be rounded to tf32 (bf16/fp16 dots ignore the setting).
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [BLOCK_M, BLOCK_N]
+        s = _dot(q, tl.trans(k), None, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N]
         s = tl.where(key_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)  # 0 on the first block, where m_i = -inf
@@ -47,7 +58,7 @@ def _attend_source(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + keys[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         # P is rounded to the value dtype for the tensor-core dot, as in flash attention.
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -87,6 +98,7 @@ def _attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM (and >= 16, the smallest dot)
+    UPCAST: tl.constexpr,  # dot operands to fp32: bf16 under the interpreter
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -118,6 +130,7 @@ def _attention_kernel(
         offs_d,
         d_mask,
         BLOCK_N,
+        UPCAST,
     )
     # With n_c = 0 the loop body never runs and k2/v2 (aliases of k/v) are never read.
     acc, m_i, l_i = _attend_source(
@@ -134,6 +147,7 @@ def _attention_kernel(
         offs_d,
         d_mask,
         BLOCK_N,
+        UPCAST,
     )
 
     o = acc / l_i[:, None]
@@ -194,6 +208,7 @@ def attention_triton(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
+        UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16,
         num_warps=num_warps,
         num_stages=2,
     )

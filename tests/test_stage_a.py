@@ -15,11 +15,15 @@ import torch
 
 from cascade_rt.models.stage_a import STAGE_A, STAGE_A_OFFICIAL, StageA, StageAConfig
 
-REF = Path("/work/shared/reference/checkpoints")
+# Key/shape listings of the released checkpoints, beside the repository (docs/design.md).
+REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoints"
+needs_ref = pytest.mark.skipif(not REF.is_dir(), reason=f"reference listings not found at {REF}")
 TINY = StageAConfig(embed_dim=32, bottleneck_blocks=2, num_vq_embeddings=64)
 FP32_ATOL = 1e-4
 
-diffusers_vq = pytest.importorskip("diffusers.pipelines.deprecated.wuerstchen.modeling_paella_vq_model")
+diffusers_vq = pytest.importorskip(
+    "diffusers.pipelines.deprecated.wuerstchen.modeling_paella_vq_model"
+)
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
@@ -41,8 +45,10 @@ def _pair(seed: int = 0) -> tuple[StageA, torch.nn.Module]:
     ours = StageA(TINY).eval()
     _randomize(ours, seed)
     ref = diffusers_vq.PaellaVQModel(**TINY.to_dict()).eval()
-    sd = {k.replace("vquantizer.codebook.", "vquantizer.embedding."): v
-          for k, v in ours.state_dict().items()}
+    sd = {
+        k.replace("vquantizer.codebook.", "vquantizer.embedding."): v
+        for k, v in ours.state_dict().items()
+    }
     ref.load_state_dict(sd, strict=True)
     return ours, ref
 
@@ -51,6 +57,7 @@ def _images(seed: int, b: int = 2, h: int = 24, w: int = 40) -> torch.Tensor:
     return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
+@needs_ref
 def test_meta_build_has_official_keys_and_shapes() -> None:
     with torch.device("meta"):
         model = StageA(STAGE_A_OFFICIAL)
@@ -61,6 +68,7 @@ def test_meta_build_has_official_keys_and_shapes() -> None:
     assert all(t.is_meta for t in model.state_dict().values())
 
 
+@needs_ref
 def test_presets_match_diffusers_config() -> None:
     cfg = json.loads((REF / "diffusers_vqgan.json").read_text())["config"]
     assert StageAConfig.from_dict(cfg) == STAGE_A
@@ -69,6 +77,20 @@ def test_presets_match_diffusers_config() -> None:
     assert {k: v for k, v in STAGE_A_OFFICIAL.to_dict().items() if k != "scale_factor"} == {
         k: v for k, v in STAGE_A.to_dict().items() if k != "scale_factor"
     }
+
+
+@needs_ref
+def test_config_from_checkpoint_shapes() -> None:
+    official = json.loads((REF / "stage_a.json").read_text())["keys"]
+    assert StageAConfig.from_shapes(official) == STAGE_A_OFFICIAL
+    diffusers_keys = json.loads((REF / "diffusers_vqgan.json").read_text())["keys"]
+    assert StageAConfig.from_shapes(diffusers_keys, scale_factor=0.3764) == STAGE_A
+    other = StageAConfig(levels=3, bottleneck_blocks=3, embed_dim=64, num_vq_embeddings=32)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in StageA(other).state_dict().items()}
+    assert StageAConfig.from_shapes(shapes, scale_factor=other.scale_factor) == other
+    with pytest.raises(ValueError, match="not a Stage A checkpoint"):
+        StageAConfig.from_shapes({"in_block.1.weight": (192, 12, 1, 1)})
 
 
 def test_config_errors_and_legacy_names() -> None:
@@ -83,8 +105,10 @@ def test_config_errors_and_legacy_names() -> None:
 def test_diffusers_state_dict_differs_only_by_codebook_name() -> None:
     ref = diffusers_vq.PaellaVQModel(**TINY.to_dict())
     ours = StageA(TINY)
-    renamed = {k.replace("vquantizer.embedding.", "vquantizer.codebook."): tuple(v.shape)
-               for k, v in ref.state_dict().items()}
+    renamed = {
+        k.replace("vquantizer.embedding.", "vquantizer.codebook."): tuple(v.shape)
+        for k, v in ref.state_dict().items()
+    }
     assert renamed == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
 
 

@@ -45,7 +45,9 @@ def _pair(cfg: dict, seed: int) -> tuple[CLIPTextEncoder, torch.nn.Module]:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in ref.parameters():  # LayerNorms start at 1/0: move everything off its default
-            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.dim() == 1 else 0.2) + (p.dim() == 1))
+            p.copy_(
+                torch.randn(p.shape, generator=g) * (0.5 if p.dim() == 1 else 0.2) + (p.dim() == 1)
+            )
     ours = CLIPTextEncoder(CLIPTextConfig.from_dict(cfg)).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ours, ref

@@ -13,6 +13,7 @@ The module applies no latent scaling and no clamping: the pipeline multiplies by
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,12 +79,44 @@ class StageAConfig:
             raise ValueError(f"StageAConfig.from_dict: unknown keys {sorted(unknown)}")
         return cls(**kwargs)
 
+    @classmethod
+    def from_shapes(
+        cls, shapes: Mapping[str, Sequence[int]], scale_factor: float = 0.43
+    ) -> StageAConfig:
+        """Infer the architecture from checkpoint key -> shape (official or diffusers keys).
+
+        Assumes RGB in and out (the released model); `scale_factor` is not stored in the weights.
+        """
+        try:
+            c_in = shapes["in_block.1.weight"][1]
+            levels = sum(1 for k in shapes if k.startswith("down_blocks.") and k.endswith("gammas"))
+            up_blocks = sum(
+                1 for k in shapes if k.startswith("up_blocks.") and k.endswith("gammas")
+            )
+            latent, embed_dim = shapes[f"down_blocks.{2 * levels - 1}.0.weight"][:2]
+            book = shapes.get(
+                "vquantizer.codebook.weight", shapes.get("vquantizer.embedding.weight")
+            )
+            if book is None:
+                raise KeyError("vquantizer.codebook.weight")
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"StageAConfig.from_shapes: not a Stage A checkpoint ({e})") from e
+        return cls(
+            up_down_scale_factor=round((c_in / 3) ** 0.5),
+            levels=levels,
+            bottleneck_blocks=up_blocks - (levels - 1),
+            embed_dim=embed_dim,
+            latent_channels=latent,
+            num_vq_embeddings=book[0],
+            scale_factor=scale_factor,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @property
     def c_levels(self) -> list[int]:
-        """Channels per resolution level, finest first: [embed_dim / 2**(levels-1), ..., embed_dim]."""
+        """Channels per level, finest first: [embed_dim / 2**(levels-1), ..., embed_dim]."""
         return [self.embed_dim // 2**i for i in reversed(range(self.levels))]
 
     @property

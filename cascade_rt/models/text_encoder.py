@@ -110,7 +110,9 @@ class CLIPAttention(nn.Module):
         # x: [B, L, C]; mask: [B, 1, L, L] bool (True = may attend) or None for causal only.
         b, n, c = x.shape
         heads = (b, n, self.num_heads, c // self.num_heads)
-        q, k, v = (p(x).view(heads).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(x).view(heads).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         if mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, L, D]
         else:
@@ -197,10 +199,14 @@ class CLIPTextEncoder(nn.Module):
           before `final_layer_norm` (Stable Cascade's `clip_text`);
         - output="post_ln": hidden = `last_hidden_state` (Würstchen v2).
         text_embeds = text_projection(final_layer_norm(h)[eos position]) either way.
+        Padding must be on the right (as the tokenizer makes it): a left-padded row whose first
+        key is masked would leave queries with no key to attend to.
         """
         cfg = self.config
         if input_ids.dim() != 2:
-            raise ValueError(f"CLIPTextEncoder: input_ids must be [B, L], got {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"CLIPTextEncoder: input_ids must be [B, L], got {tuple(input_ids.shape)}"
+            )
         b, n = input_ids.shape
         if n > cfg.max_position_embeddings:
             raise ValueError(
@@ -208,7 +214,9 @@ class CLIPTextEncoder(nn.Module):
                 f"{cfg.max_position_embeddings}"
             )
         if output not in ("pre_ln", "post_ln"):
-            raise ValueError(f"CLIPTextEncoder: output must be 'pre_ln' or 'post_ln', got {output!r}")
+            raise ValueError(
+                f"CLIPTextEncoder: output must be 'pre_ln' or 'post_ln', got {output!r}"
+            )
         tm = self.text_model
         emb = tm.embeddings
         h = emb.token_embedding(input_ids) + emb.position_embedding.weight[:n]  # [B, L, C]

@@ -10,19 +10,71 @@ import torch
 import torch.nn.functional as F
 
 
-def layernorm2d_torch(x: torch.Tensor, out: torch.Tensor, eps: float) -> None:
-    """LayerNorm over the last (channel) dim, no affine. x, out: [..., C]."""
-    out.copy_(F.layer_norm(x.float(), (x.shape[-1],), eps=eps))
+def layernorm2d_torch(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    post_scale: torch.Tensor | None = None,
+    post_shift: torch.Tensor | None = None,
+    pre: torch.Tensor | None = None,
+) -> None:
+    """LayerNorm over the last (channel) dim, no affine, with the fused neighbours of
+    cascade_rt.ops.layernorm2d: m = x (+ residual); m = m * (1 + scale) + shift per sample;
+    pre = m; out = LN(m) (* (1 + post_scale) + post_shift).
+
+    x, residual, out, pre: [B, ..., C]; scale, shift: [B or 1, C]; post_*: one element.
+    """
+    m = x.float()
+    if residual is not None:
+        m = m + residual.float()
+    if scale is not None:
+        per_sample = (scale.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+        m = m * (1 + scale.float().reshape(per_sample)) + shift.float().reshape(per_sample)
+    if pre is not None:
+        pre.copy_(m)
+    y = F.layer_norm(m, (x.shape[-1],), eps=eps)
+    if post_scale is not None:
+        y = y * (1 + post_scale.float().reshape(())) + post_shift.float().reshape(())
+    out.copy_(y)
 
 
 def grn_gelu_torch(
-    h: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, out: torch.Tensor
+    h: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor | None,
+    out: torch.Tensor,
+    scale: torch.Tensor | None = None,
 ) -> None:
-    """GlobalResponseNorm(GELU(h)). h, out: [B, H, W, C]; gamma, beta: [C]."""
+    """GlobalResponseNorm(GELU(h)). h, out: [B, H, W, C]; gamma, beta: [C].
+
+    With `scale` ([B, C] fp32) the folded form is written instead: out = GELU(h) and
+    scale = 1 + gamma * N, so that the GRN output is out * scale + beta (beta is not read).
+    """
     g = F.gelu(h.float())  # exact erf form
     gx = torch.linalg.vector_norm(g, dim=(1, 2), keepdim=True)  # [B, 1, 1, C]
     nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+    if scale is not None:
+        out.copy_(g)
+        scale.copy_((1 + gamma.float() * nx).reshape(scale.shape))
+        return
     out.copy_(gamma.float() * (g * nx) + beta.float() + g)
+
+
+def groupnorm_silu_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    out: torch.Tensor,
+    num_groups: int,
+    eps: float,
+) -> None:
+    """SiLU(GroupNorm(x)) with a per-channel affine. x, out: [B, C, H, W] (any memory format);
+    weight, bias: [C]."""
+    y = F.group_norm(x.float(), num_groups, weight.float(), bias.float(), eps)
+    out.copy_(F.silu(y))
 
 
 def attention_torch(

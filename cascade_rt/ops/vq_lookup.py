@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+
 import torch
 
 from cascade_rt import _ext
@@ -10,6 +14,7 @@ from cascade_rt.ops.reference import vq_lookup_torch
 from cascade_rt.ops.registry import Impl, register, resolve
 
 OP = "vq_lookup"
+MAX_TRITON_DIM = 64
 
 
 def _native_args(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, q: torch.Tensor):
@@ -36,6 +41,28 @@ def _cuda_fn(x, codebook, indices, quantized) -> None:
     )
 
 
+def _triton_fn(x, codebook, indices, quantized) -> None:
+    # Imported on first use: the kernel module decides between compiled and interpreted Triton
+    # when it is imported, from TRITON_INTERPRET.
+    from cascade_rt.kernels.vq_lookup import vq_lookup_triton
+
+    vq_lookup_triton(x, codebook, indices, quantized)
+
+
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_supports(device: torch.device, dim: int, **_: object) -> bool:
+    # CPU tensors only run in Triton's interpreter (the tests' way to check the kernel off-GPU).
+    on_device = device.type == "cuda" or (
+        device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    )
+    # The kernel unrolls the width; wider codebooks take another backend.
+    return on_device and dim <= MAX_TRITON_DIM and _has_triton()
+
+
 def _cpp_supports(device: torch.device, dim: int = 4, **_: object) -> bool:
     mod = _ext.native()
     return mod is not None and device.type == "cpu" and dim <= mod.vq_max_dim
@@ -46,6 +73,7 @@ def _cuda_supports(device: torch.device, dim: int = 4, **_: object) -> bool:
 
 
 register(OP, Impl("cuda", _cuda_fn, _cuda_supports))
+register(OP, Impl("triton", _triton_fn, _triton_supports))
 register(OP, Impl("cpp", _cpp_fn, _cpp_supports))
 register(OP, Impl("torch", vq_lookup_torch, lambda **_: True))
 

@@ -41,31 +41,21 @@ class Arena:
         if alignment <= 0 or alignment % 8:
             raise ValueError(f"Arena alignment must be a positive multiple of 8, got {alignment}")
         self.device = torch.device(device)
-        self._spans: dict[str, tuple[int, int]] = {}  # name -> (byte offset, nbytes)
+        self.offsets: dict[str, int] = {}  # byte offset of each view in the buffer
         offset = 0
         for name, (shape, dtype) in specs.items():
             offset = -(-offset // alignment) * alignment
-            size = _nbytes(shape, dtype)
-            self._spans[name] = (offset, size)
-            offset += size
+            self.offsets[name] = offset
+            offset += _nbytes(shape, dtype)
         self.nbytes = offset
         self.buffer: torch.Tensor | None = torch.empty(
             self.nbytes, dtype=torch.uint8, device=self.device
         )
-        self.views: dict[str, torch.Tensor] = {
-            name: self._bytes(name).view(dtype).view(tuple(shape))
-            for name, (shape, dtype) in specs.items()
-        }
-
-    def _bytes(self, name: str) -> torch.Tensor:
-        if self.buffer is None:
-            raise RuntimeError("Arena was released")
-        offset, size = self._spans[name]
-        return self.buffer[offset : offset + size]
-
-    def raw(self, name: str) -> torch.Tensor:
-        """The uint8 bytes behind view `name` (a 1-D slice of the buffer)."""
-        return self._bytes(name)
+        self.views: dict[str, torch.Tensor] = {}
+        for name, (shape, dtype) in specs.items():
+            start = self.offsets[name]
+            raw = self.buffer[start : start + _nbytes(shape, dtype)]
+            self.views[name] = raw.view(dtype).view(tuple(shape))
 
     def release(self) -> None:
         """Drops the buffer and the views; memory returns once no one else holds a view."""
@@ -73,4 +63,4 @@ class Arena:
         self.views = {}
 
     def __repr__(self) -> str:
-        return f"Arena({len(self._spans)} tensors, {self.nbytes} bytes on {self.device})"
+        return f"Arena({len(self.offsets)} tensors, {self.nbytes} bytes on {self.device})"

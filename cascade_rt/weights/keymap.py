@@ -30,6 +30,11 @@ _FUSED = re.compile(r"^(.*\.attention)\.attn\.in_proj_(weight|bias)$")
 _OUT = re.compile(r"^(.*\.attention)\.attn\.out_proj\.(weight|bias)$")
 _SPLIT = re.compile(r"^(.*\.attention)\.to_([qkv])\.(weight|bias)$")
 _TO_OUT = re.compile(r"^(.*\.attention)\.to_out\.0\.(weight|bias)$")
+# File keys that carry no weights and are skipped: transformers < 4.31 saved CLIP's position_ids
+# (arange(77)) as a persistent buffer; transformers itself ignores it on load.
+_IGNORED: dict[str, frozenset[str]] = {
+    "text_encoder": frozenset({"text_model.embeddings.position_ids"}),
+}
 _PREFIX_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
     # (canonical prefix, diffusers prefix)
     "decoder": (("clip_mapper.", "clip_txt_pooled_mapper."),),
@@ -69,9 +74,12 @@ def _rename(component: str, key: str, *, to_diffusers: bool) -> str:
     return key
 
 
-def diffusers_pieces(
-    component: str, canonical_key: str, shape: Sequence[int]
-) -> tuple[Piece, ...]:
+def ignored(component: str, file_key: str) -> bool:
+    """Whether a checkpoint key is known to hold nothing the model needs."""
+    return file_key in _IGNORED.get(component, ())
+
+
+def diffusers_pieces(component: str, canonical_key: str, shape: Sequence[int]) -> tuple[Piece, ...]:
     """The diffusers key(s) holding canonical tensor `canonical_key` of `shape`."""
     _check_component(component)
     if _fuses(component):
@@ -101,9 +109,7 @@ def canonical_key(component: str, diffusers_key: str) -> tuple[str, int | None]:
     return _rename(component, diffusers_key, to_diffusers=False), None
 
 
-def plan(
-    component: str, layout: str, canonical_shapes: Mapping[str, Sequence[int]]
-) -> list[Piece]:
+def plan(component: str, layout: str, canonical_shapes: Mapping[str, Sequence[int]]) -> list[Piece]:
     """Every piece needed to fill the canonical tensors from a checkpoint in `layout`."""
     _check_component(component)
     if layout not in LAYOUTS:

@@ -2,18 +2,20 @@
 
 Recognised (file names as diffusers 0.42.1 / transformers 5.23 write them):
 
-* `StableCascadeCombinedPipeline.save_pretrained`: model_index.json, prior_prior/, decoder/, vqgan/,
-  text_encoder/ (+ prior_text_encoder/), tokenizer/ (+ prior_tokenizer/), scheduler/ (+ prior_scheduler/).
+* `StableCascadeCombinedPipeline.save_pretrained`: model_index.json, prior_prior/, decoder/,
+  vqgan/, text_encoder/, tokenizer/, scheduler/ (and prior_text_encoder/, prior_tokenizer/,
+  prior_scheduler/, used when the unprefixed folder is absent).
 * hub `stable-cascade-prior`: prior/, prior_lite/, text_encoder/, tokenizer/, scheduler/.
 * hub `stable-cascade`: decoder/, decoder_lite/, vqgan/, text_encoder/, tokenizer/, scheduler/ and,
   beside them, the official files stage_a.safetensors, stage_{b,c}[_lite][_bf16].safetensors.
 * a component folder itself, a single .safetensors file, or a sharded checkpoint's index json.
 
 Inside a diffusers model folder the weights are `<base>[.<variant>].safetensors` or shards
-`<base>[.<variant>]-00001-of-0000N.safetensors` listed by `<base>.safetensors.index[.<variant>].json`
-(`<base>.safetensors.<variant>.index.json` in older saves); base is `diffusion_pytorch_model`, or
-`model` for the text encoder. A requested variant falls back to the plain files (the loader casts
-to the run dtype anyway); with no variant requested, a folder holding exactly one variant uses it.
+`<base>[.<variant>]-00001-of-0000N.safetensors` listed by
+`<base>.safetensors.index[.<variant>].json` (`<base>.safetensors.<variant>.index.json` in older
+saves); base is `diffusion_pytorch_model`, or `model` for the text encoder. A requested variant
+falls back to the plain files (the loader casts to the run dtype anyway); with no variant
+requested, a folder holding exactly one variant uses it.
 
 The stage is detected from the keys, so a file of another stage is refused by name before loading.
 """
@@ -110,21 +112,34 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _weights_base(component: str) -> str:
+def weights_base(component: str) -> str:
+    """File name stem of a diffusers (or transformers) model folder's weights."""
     return "model" if component == "text_encoder" else "diffusion_pytorch_model"
+
+
+def index_name(base: str, variant: str | None) -> str:
+    """Sharded-checkpoint index name, as diffusers' and transformers' `_add_variant` make it."""
+    return f"{base}.safetensors.index{f'.{variant}' if variant else ''}.json"
+
+
+def official_name(component: str, *, lite: bool = False, variant: str | None = None) -> str:
+    """Official Stability file name; Stage A has no lite file."""
+    stem = _OFFICIAL_STEM[component] + ("_lite" if lite and component != "vqgan" else "")
+    return f"{stem}_{variant}.safetensors" if variant else f"{stem}.safetensors"
 
 
 def _index_names(base: str, variant: str | None) -> tuple[str, ...]:
     if variant is None:
-        return (f"{base}.safetensors.index.json",)
-    return (f"{base}.safetensors.index.{variant}.json", f"{base}.safetensors.{variant}.index.json")
+        return (index_name(base, None),)
+    # diffusers still reads the pre-0.22 name `<base>.safetensors.<variant>.index.json`.
+    return (index_name(base, variant), f"{base}.safetensors.{variant}.index.json")
 
 
 def _find_diffusers_weights(
     folder: Path, component: str, variant: str | None
 ) -> tuple[Path, str | None] | None:
     """(single file or index json, variant) in a diffusers model folder, or None."""
-    base = _weights_base(component)
+    base = weights_base(component)
     for v in (variant, None) if variant else (None,):
         single = folder / (f"{base}.{v}.safetensors" if v else f"{base}.safetensors")
         if single.is_file():
@@ -133,9 +148,8 @@ def _find_diffusers_weights(
             if (folder / name).is_file():
                 return folder / name, v
     if variant is None:
-        pattern = re.compile(
-            rf"^{base}\.([A-Za-z0-9_]+)\.safetensors$|^{base}\.safetensors\.index\.([A-Za-z0-9_]+)\.json$"
-        )
+        single_re = rf"^{base}\.(\w+)\.safetensors$"
+        pattern = re.compile(rf"{single_re}|^{base}\.safetensors\.index\.(\w+)\.json$")
         found = {m[1] or m[2] for p in _names(folder) if (m := pattern.match(p))}
         if len(found) > 1:
             raise CheckpointError(
@@ -221,10 +235,9 @@ def _weights_source(
 def _official_names(
     component: str, variant: str | None, lite: bool
 ) -> list[tuple[str, str | None]]:
-    """(file name, its variant) in order of preference; Stage A has no lite or bf16 file."""
-    stem = _OFFICIAL_STEM[component] + ("_lite" if lite and component != "vqgan" else "")
-    order = [variant, None] if variant else [None, "bf16"]
-    return [(f"{stem}_{v}.safetensors" if v else f"{stem}.safetensors", v) for v in order]
+    """(file name, its variant) in order of preference; Stage A was released in fp32 only."""
+    order = [variant, None] if variant else [None] if component == "vqgan" else [None, "bf16"]
+    return [(official_name(component, lite=lite, variant=v), v) for v in order]
 
 
 def _subfolders(component: str, lite: bool, combined: bool) -> tuple[str, ...]:
@@ -281,7 +294,7 @@ def locate(
             raise CheckpointError(f"{path} is a file; a {component} needs its folder")
         if _SHARD.match(path.name):
             raise CheckpointError(f"{path} is one shard; pass its folder or index json")
-        diffusers = path.name.endswith(".json") or path.name.startswith(_weights_base(component))
+        diffusers = path.name.endswith(".json") or path.name.startswith(weights_base(component))
         return _weights_source(component, path, None, "diffusers" if diffusers else "official")
     if not path.is_dir():
         raise CheckpointError(f"{path} does not exist")
@@ -303,7 +316,7 @@ def locate(
             if hit := _find_diffusers_weights(folder, component, variant):
                 return _weights_source(component, hit[0], hit[1], "diffusers")
             raise CheckpointError(
-                f"{folder} has no {_weights_base(component)}[.<variant>].safetensors "
+                f"{folder} has no {weights_base(component)}[.<variant>].safetensors "
                 f"nor index json; found: {_listing(folder)}"
             )
         if src := _auxiliary_source(component, folder):
@@ -317,4 +330,3 @@ def locate(
     raise CheckpointError(
         f"no {component} under {path}: looked for {', '.join(looked)}; found: {_listing(path)}"
     )
-

@@ -10,12 +10,16 @@ at any point leaves the module on meta and drops the arena.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import nn
 
 from .arena import Arena
-from .keymap import Piece, plan
+from .keymap import WEIGHT_COMPONENTS, Piece, ignored, plan
 from .layout import Source
 from .safetensors_io import FLOAT_CODES, INT_CODES, CheckpointError, TensorInfo
 
@@ -28,8 +32,10 @@ def _names(items: Sequence[str]) -> str:
     return shown + (f", ... ({len(items) - _LIST} more)" if len(items) > _LIST else "")
 
 
-def _files(source: Source) -> str:
-    return source.files[0].name if len(source.files) == 1 else f"{len(source.files)} shards"
+def _where(source: Source) -> str:
+    if len(source.files) == 1:
+        return str(source.files[0])
+    return f"{source.folder} ({len(source.files)} shards)"
 
 
 def _check_module(module: nn.Module, expected: dict[str, torch.Tensor]) -> None:
@@ -51,27 +57,57 @@ def _check_module(module: nn.Module, expected: dict[str, torch.Tensor]) -> None:
 def _check_keys(source: Source, pieces: list[Piece]) -> None:
     needed = {p.file_key for p in pieces}
     missing = sorted(needed - source.tensors.keys())
-    unexpected = sorted(source.tensors.keys() - needed)
+    unexpected = sorted(
+        k for k in source.tensors.keys() - needed if not ignored(source.component, k)
+    )
     if missing or unexpected:
         raise CheckpointError(
-            f"{source.folder / _files(source)} ({source.layout} {source.component}) does not "
+            f"{_where(source)} ({source.layout} {source.component}) does not "
             f"fit the module: {len(missing)} missing keys [{_names(missing)}], "
             f"{len(unexpected)} unexpected keys [{_names(unexpected)}]"
         )
 
 
-def _dest_dtype(info: TensorInfo, meta: torch.Tensor, run_dtype: torch.dtype) -> torch.dtype:
-    """Float tensors load as the run dtype from F32/F16/BF16; integer buffers keep their dtype."""
-    codes = FLOAT_CODES if meta.is_floating_point() else INT_CODES
-    if info.dtype not in codes:
-        raise CheckpointError(
-            f"{info.path}: key {info.name!r} has unsupported dtype {info.dtype} for a "
-            f"{meta.dtype} tensor (supported: {', '.join(codes)})"
-        )
-    return run_dtype if meta.is_floating_point() else meta.dtype
+@dataclass(frozen=True)
+class _Job:
+    info: TensorInfo
+    key: str  # canonical key
+    rows: tuple[int, int] | None
+    file_dtype: torch.dtype
 
 
-def _read_into(f, info: TensorInfo, dst: memoryview) -> None:
+def _check_tensors(
+    source: Source, pieces: list[Piece], expected: dict[str, torch.Tensor], run_dtype: torch.dtype
+) -> tuple[list[_Job], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+    """Every piece's shape and dtype; returns the copy jobs and the arena specs."""
+    jobs: list[_Job] = []
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    bad: list[str] = []
+    for p in pieces:
+        info, meta = source.tensors[p.file_key], expected[p.canonical_key]
+        want = p.shape(meta.shape)
+        if info.shape != want:
+            bad.append(
+                f"{info.path.name}: key {p.file_key!r} expected shape {list(want)}, "
+                f"found {list(info.shape)}"
+            )
+            continue
+        codes = FLOAT_CODES if meta.is_floating_point() else INT_CODES
+        if info.dtype not in codes:
+            raise CheckpointError(
+                f"{info.path}: key {p.file_key!r} has unsupported dtype {info.dtype} for a "
+                f"{meta.dtype} tensor (supported: {', '.join(codes)})"
+            )
+        jobs.append(_Job(info, p.canonical_key, p.rows, codes[info.dtype]))
+        dtype = run_dtype if meta.is_floating_point() else meta.dtype
+        specs[p.canonical_key] = (tuple(meta.shape), dtype)
+    if bad:
+        raise CheckpointError(f"{_where(source)}: {len(bad)} shape mismatches: {_names(bad)}")
+    # Arena order follows the module, so views of one block sit together.
+    return jobs, {k: specs[k] for k in expected}
+
+
+def _read_into(f: BinaryIO, info: TensorInfo, dst: memoryview) -> None:
     f.seek(info.start)
     done = 0
     while done < info.nbytes:
@@ -83,32 +119,75 @@ def _read_into(f, info: TensorInfo, dst: memoryview) -> None:
         done += n
 
 
-def _copy(arena: Arena, source: Source, pieces: list[Piece], dtypes: dict[str, torch.dtype]):
-    """Fills the arena. Same-dtype pieces on CPU are read straight into their view's bytes;
-    others go through one staging buffer (pinned for CUDA) and `copy_`, which casts."""
-    jobs = sorted(pieces, key=lambda p: (str(source.tensors[p.file_key].path), source.tensors[p.file_key].start))
-    direct = arena.device.type == "cpu"
-    staged = [p for p in jobs if not direct or FLOAT_CODES.get(source.tensors[p.file_key].dtype, INT_CODES.get(source.tensors[p.file_key].dtype)) != dtypes[p.canonical_key]]
-    size = max((source.tensors[p.file_key].nbytes for p in staged), default=0)
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    """Writable byte view of a contiguous CPU tensor (numpy has no bfloat16, uint8 always works).
+
+    Arena views and their row slices are contiguous, so reshape returns a view, never a copy.
+    """
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _copy(arena: Arena, jobs: list[_Job]) -> None:
+    """Fills the arena in file order. On CPU, pieces already in the run dtype are read straight
+    into their view's bytes; the rest go through one staging buffer (pinned for CUDA, so the
+    host-to-device copy is a DMA) and `copy_`, which casts."""
+    jobs = sorted(jobs, key=lambda j: (str(j.info.path), j.info.start))
+
+    def dest(j: _Job) -> torch.Tensor:
+        view = arena.views[j.key]
+        return view if j.rows is None else view[j.rows[0] : j.rows[1]]
+
+    cpu = arena.device.type == "cpu"
+    staged = [j for j in jobs if not cpu or j.file_dtype != arena.views[j.key].dtype]
+    size = max((j.info.nbytes for j in staged), default=0)
     staging = torch.empty(size, dtype=torch.uint8, pin_memory=arena.device.type == "cuda")
-    handles: dict[str, object] = {}
+    with ExitStack() as stack:
+        files: dict[Path, BinaryIO] = {}
+        for j in jobs:
+            if j.info.nbytes == 0:
+                continue
+            if j.info.path not in files:
+                files[j.info.path] = stack.enter_context(open(j.info.path, "rb", buffering=0))
+            f, out = files[j.info.path], dest(j)
+            if cpu and j.file_dtype == out.dtype:
+                _read_into(f, j.info, _as_bytes(out))
+                continue
+            buf = staging[: j.info.nbytes]
+            _read_into(f, j.info, _as_bytes(buf))
+            out.copy_(buf.view(j.file_dtype).view(out.shape))
+
+
+def load_module(
+    module: nn.Module, source: Source, *, device: torch.device | str, dtype: torch.dtype
+) -> nn.Module:
+    """Loads `source` into `module` (built on meta) as views of one arena on `device`.
+
+    Float tensors are stored in `dtype`, integer buffers in their own dtype. Sets
+    `module.arena_bytes`. Raises CheckpointError (or ValueError for a misbuilt module) before
+    allocating anything when a key, shape or dtype does not fit.
+    """
+    if dtype not in RUN_DTYPES:
+        raise ValueError(f"run dtype must be one of {RUN_DTYPES}, got {dtype}")
+    if source.component not in WEIGHT_COMPONENTS:
+        raise ValueError(f"{source.component} has no weights to load")
+    expected = module.state_dict(keep_vars=True)
+    _check_module(module, expected)
+    shapes = {k: tuple(t.shape) for k, t in expected.items()}
     try:
-        for p in jobs:
-            info = source.tensors[p.file_key]
-            f = handles.get(str(info.path)) or handles.setdefault(str(info.path), open(info.path, "rb", buffering=0))
-            view = arena.views[p.canonical_key]
-            if p.rows is not None:
-                view = view[p.rows[0] : p.rows[1]]
-            if info.nbytes == 0:
-                continue
-            if p not in staged:
-                _read_into(f, info, memoryview(view.view(-1).view(torch.uint8).numpy()).cast("B"))
-                continue
-            buf = staging[: info.nbytes]
-            _read_into(f, info, memoryview(buf.numpy()))
-            code = info.dtype
-            src = buf.view(FLOAT_CODES.get(code) or INT_CODES[code]).view(view.shape)
-            view.copy_(src)
-    finally:
-        for f in handles.values():
-            f.close()
+        pieces = plan(source.component, source.layout, shapes)
+    except ValueError as e:
+        raise CheckpointError(f"{type(module).__name__}: {e}") from e
+    _check_keys(source, pieces)
+    jobs, specs = _check_tensors(source, pieces, expected, dtype)
+
+    arena = Arena(specs, device)
+    try:
+        _copy(arena, jobs)
+        module.load_state_dict(arena.views, assign=True, strict=True)
+    except BaseException:
+        # Put the meta tensors back so no module keeps views of a half-filled arena.
+        module.load_state_dict(expected, assign=True, strict=False)
+        arena.release()
+        raise
+    module.arena_bytes = arena.nbytes
+    return module

@@ -9,6 +9,7 @@ it read tensor bytes straight into arena views.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -160,7 +161,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         tensors[name] = TensorInfo(name, dtype, tuple(shape), data_start + begin, end - begin, path)
 
     spans = sorted((t.start, t.start + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
-    for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
+    for (_, prev_end, prev), (begin, _, name) in itertools.pairwise(spans):
         if begin < prev_end:
             raise CheckpointError(f"{path}: data of key {name!r} overlaps key {prev!r}")
     return SafetensorsHeader(path, tensors, metadata)
@@ -170,21 +171,28 @@ def write_safetensors(
     tensors: Mapping[str, torch.Tensor],
     path: str | os.PathLike[str],
     metadata: Mapping[str, str] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Writes one .safetensors file atomically (temp file in the same folder, then os.replace).
 
-    Tensors may be views sharing storage (the q/k/v slices of a fused in_proj weight); each is
-    written from its own contiguous CPU copy, one at a time, so memory stays at one tensor.
+    Float tensors are cast to `dtype` when given. Tensors may be views sharing storage (the q/k/v
+    slices of a fused in_proj weight); each is written from its own contiguous CPU copy, one at a
+    time, so extra memory stays at one tensor.
     """
     path = Path(path)
     names = sorted(tensors)
+
+    def out_dtype(t: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
     header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
     for name in names:
         t = tensors[name]
-        nbytes = t.numel() * t.element_size()
+        nbytes = t.numel() * out_dtype(t).itemsize
         header[name] = {
-            "dtype": code_of(t.dtype),
+            "dtype": code_of(out_dtype(t)),
             "shape": list(t.shape),
             "data_offsets": [offset, offset + nbytes],
         }
@@ -198,7 +206,8 @@ def write_safetensors(
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
             for name in names:
-                t = tensors[name].detach().to("cpu").contiguous()
+                t = tensors[name].detach()
+                t = t.to(device="cpu", dtype=out_dtype(t)).contiguous()
                 if t.numel():
                     f.write(t.reshape(-1).view(torch.uint8).numpy().data)
         os.replace(tmp, path)
