@@ -17,7 +17,7 @@ from cascade_rt.models.stage_a import StageA, StageAConfig
 from cascade_rt.models.text_encoder import CLIPTextConfig, CLIPTextEncoder
 from cascade_rt.models.tokenizer import CLIPTokenizer
 from cascade_rt.models.unet import StableCascadeUNet, UNetConfig
-from cascade_rt.weights import Source, load_module, locate
+from cascade_rt.weights import CheckpointError, Source, load_module, locate
 
 OFFICIAL_STAGE_A_SCALE = 0.43
 
@@ -39,9 +39,10 @@ def _stage_a_config(source: Source) -> StageAConfig:
 
 
 def _scheduler_config(path: Path, variant: str | None) -> dict | None:
+    """The folder's scheduler_config.json, or None (official files ship none: defaults apply)."""
     try:
         return locate(path, "scheduler", variant=variant).config
-    except FileNotFoundError:
+    except CheckpointError:
         return None
 
 

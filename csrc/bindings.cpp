@@ -71,4 +71,88 @@ PYBIND11_MODULE(_C, m) {
       py::arg("k2_strides"), py::arg("v2_strides"), py::arg("out_strides"), py::arg("dtype"),
       py::arg("stream"));
 #endif
+
+  m.attr("layernorm2d_max_c") = cascade_rt::kLayerNorm2dMaxC;
+  m.def(
+      "layernorm2d_cpu",
+      [](uintptr_t x, uintptr_t residual, uintptr_t scale, uintptr_t shift, int64_t mod_stride,
+         uintptr_t post_scale, uintptr_t post_shift, uintptr_t out, uintptr_t pre, int64_t rows,
+         int64_t rows_per_sample, int64_t c, float eps, int dtype) {
+        py::gil_scoped_release release;
+        cascade_rt::layernorm2d_cpu(ptr<const void>(x), ptr<const void>(residual),
+                                    ptr<const void>(scale), ptr<const void>(shift), mod_stride,
+                                    ptr<const void>(post_scale), ptr<const void>(post_shift),
+                                    ptr<void>(out), ptr<void>(pre), rows, rows_per_sample, c, eps,
+                                    dtype);
+      },
+      py::arg("x"), py::arg("residual"), py::arg("scale"), py::arg("shift"), py::arg("mod_stride"),
+      py::arg("post_scale"), py::arg("post_shift"), py::arg("out"), py::arg("pre"),
+      py::arg("rows"), py::arg("rows_per_sample"), py::arg("c"), py::arg("eps"),
+      py::arg("dtype"));
+  m.def(
+      "grn_gelu_cpu",
+      [](uintptr_t h, uintptr_t gamma, uintptr_t beta, uintptr_t out, uintptr_t scale, int64_t b,
+         int64_t hw, int64_t c, int dtype) {
+        py::gil_scoped_release release;
+        cascade_rt::grn_gelu_cpu(ptr<const void>(h), ptr<const void>(gamma),
+                                 ptr<const void>(beta), ptr<void>(out), ptr<float>(scale), b, hw,
+                                 c, dtype);
+      },
+      py::arg("h"), py::arg("gamma"), py::arg("beta"), py::arg("out"), py::arg("scale"),
+      py::arg("b"), py::arg("hw"), py::arg("c"), py::arg("dtype"));
+  m.def(
+      "groupnorm_silu_cpu",
+      [](uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t out, int64_t b, int64_t c,
+         int64_t hw, int64_t groups, bool channels_last, float eps, int dtype) {
+        py::gil_scoped_release release;
+        cascade_rt::groupnorm_silu_cpu(ptr<const void>(x), ptr<const void>(weight),
+                                       ptr<const void>(bias), ptr<void>(out), b, c, hw, groups,
+                                       channels_last, eps, dtype);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::arg("b"), py::arg("c"),
+      py::arg("hw"), py::arg("groups"), py::arg("channels_last"), py::arg("eps"),
+      py::arg("dtype"));
+
+#ifdef CASCADE_RT_WITH_CUDA
+  m.def(
+      "layernorm2d_cuda",
+      [](uintptr_t x, uintptr_t residual, uintptr_t scale, uintptr_t shift, int64_t mod_stride,
+         uintptr_t post_scale, uintptr_t post_shift, uintptr_t out, uintptr_t pre, int64_t rows,
+         int64_t rows_per_sample, int64_t c, float eps, int dtype, uintptr_t stream) {
+        cascade_rt::layernorm2d_cuda(ptr<const void>(x), ptr<const void>(residual),
+                                     ptr<const void>(scale), ptr<const void>(shift), mod_stride,
+                                     ptr<const void>(post_scale), ptr<const void>(post_shift),
+                                     ptr<void>(out), ptr<void>(pre), rows, rows_per_sample, c,
+                                     eps, dtype, ptr<void>(stream));
+      },
+      py::arg("x"), py::arg("residual"), py::arg("scale"), py::arg("shift"), py::arg("mod_stride"),
+      py::arg("post_scale"), py::arg("post_shift"), py::arg("out"), py::arg("pre"),
+      py::arg("rows"), py::arg("rows_per_sample"), py::arg("c"), py::arg("eps"), py::arg("dtype"),
+      py::arg("stream"));
+  m.def(
+      "grn_gelu_cuda",
+      [](uintptr_t h, uintptr_t gamma, uintptr_t beta, uintptr_t out, uintptr_t scale,
+         uintptr_t partial, int64_t b, int64_t hw, int64_t c, int64_t tiles, int dtype,
+         uintptr_t stream) {
+        cascade_rt::grn_gelu_cuda(ptr<const void>(h), ptr<const void>(gamma),
+                                  ptr<const void>(beta), ptr<void>(out), ptr<float>(scale),
+                                  ptr<float>(partial), b, hw, c, tiles, dtype, ptr<void>(stream));
+      },
+      py::arg("h"), py::arg("gamma"), py::arg("beta"), py::arg("out"), py::arg("scale"),
+      py::arg("partial"), py::arg("b"), py::arg("hw"), py::arg("c"), py::arg("tiles"),
+      py::arg("dtype"), py::arg("stream"));
+  m.def(
+      "groupnorm_silu_cuda",
+      [](uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t out, uintptr_t workspace,
+         int64_t b, int64_t c, int64_t hw, int64_t groups, int64_t tiles, bool channels_last,
+         float eps, int dtype, uintptr_t stream) {
+        cascade_rt::groupnorm_silu_cuda(ptr<const void>(x), ptr<const void>(weight),
+                                        ptr<const void>(bias), ptr<void>(out),
+                                        ptr<float>(workspace), b, c, hw, groups, tiles,
+                                        channels_last, eps, dtype, ptr<void>(stream));
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::arg("workspace"),
+      py::arg("b"), py::arg("c"), py::arg("hw"), py::arg("groups"), py::arg("tiles"),
+      py::arg("channels_last"), py::arg("eps"), py::arg("dtype"), py::arg("stream"));
+#endif
 }

@@ -29,6 +29,7 @@ class TinyCheckpoints:
     combined: Path  # StableCascadeCombinedPipeline.save_pretrained
     prior_repo: Path  # hub stable-cascade-prior layout (prior/, prior_lite/, text_encoder/, ...)
     decoder_repo: Path  # hub stable-cascade layout, plus the official single files at its root
+    official: Path  # official single files only, beside text_encoder/ and tokenizer/
     pipe: object  # the diffusers StableCascadeCombinedPipeline holding the same weights
     ours: dict  # our in-memory models (float32, CPU)
 
@@ -91,12 +92,10 @@ def build_tiny_checkpoints(root: Path) -> TinyCheckpoints:
     ).save_pretrained(decoder_repo)
     shutil.copytree(decoder_repo / "decoder", decoder_repo / "decoder_lite")
     # The official single files sit at the root of the same hub repo.
-    for component, name in (("prior", "stage_c"), ("decoder", "stage_b"), ("vqgan", "stage_a")):
-        write_component(
-            ours[component].state_dict(),
-            component,
-            decoder_repo,
-            layout="official",
-            filename=f"{name}.safetensors",
-        )
-    return TinyCheckpoints(combined, prior_repo, decoder_repo, pipe, ours)
+    official = root / "official"
+    for folder in (decoder_repo, official):
+        for component in ("prior", "decoder", "vqgan"):
+            write_component(ours[component].state_dict(), component, folder, layout="official")
+    for sub in ("text_encoder", "tokenizer"):
+        shutil.copytree(decoder_repo / sub, official / sub)
+    return TinyCheckpoints(combined, prior_repo, decoder_repo, official, pipe, ours)

@@ -6,18 +6,22 @@ keys/values), plus half an ulp of the largest output, which is what rounding the
 the output dtype alone can cost (it keeps cases where SDPA happens to be exact, such as a single
 key, from demanding bit-exactness).
 
-On a CPU-only machine the Triton kernel runs in Triton's interpreter: TRITON_INTERPRET is set per
-test (not for the whole session, so other tests keep their backends), which is also when the
-kernel module is first imported.
+On a CPU-only machine the Triton kernel runs in Triton's interpreter on CPU tensors.
+TRITON_INTERPRET must be set before triton is first imported (triton.language's own jit helpers
+such as tl.zeros are compiled or interpreted at their import), so it is set here, at collection.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from cascade_rt import _ext
 from cascade_rt.ops import attention
@@ -48,15 +52,9 @@ SHAPES = {
 
 
 def _cpu_backends() -> list[str]:
-    # On a GPU machine Triton is tested on the GPU; interpreting it here too would import the
-    # kernel module in interpreter mode for the whole session.
-    return ["torch"] + (["triton"] if HAS_TRITON and not CUDA else [])
-
-
-@pytest.fixture(autouse=True)
-def _interpret_triton_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # On a GPU machine Triton is tested on the GPU instead.
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return ["torch"] + (["triton"] if HAS_TRITON and not CUDA and interpreted else [])
 
 
 def _make(shape, dtype, device="cpu", fused=False, seed=0):

@@ -21,7 +21,7 @@ _MAX_TILES = 128  # caps the partial-sum workspace at [B, 128, C] fp32
 def _workspace(h: torch.Tensor, scale: torch.Tensor | None):
     """(scale [B, C] fp32, partial [B, tiles, C] fp32) for the CUDA and Triton kernels."""
     b, height, width, c = h.shape
-    tiles = min(-(-height * width // _TILE_PIXELS), _MAX_TILES)
+    tiles = min((height * width + _TILE_PIXELS - 1) // _TILE_PIXELS, _MAX_TILES)
     partial = torch.empty((b, tiles, c), dtype=torch.float32, device=h.device)
     if scale is None:
         scale = torch.empty((b, c), dtype=torch.float32, device=h.device)
