@@ -38,7 +38,7 @@ def _generate(args: argparse.Namespace) -> int:
     from cascade_rt.pipeline import Cascade
 
     if (args.model is None) == (args.random_weights is None):
-        print("error: give exactly one of --model PATH or --random-weights tiny", file=sys.stderr)
+        print("error: give exactly one of --model PATH or --random-weights SIZE", file=sys.stderr)
         return 2
     out = Path(args.output)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
@@ -146,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--decoder", help="separate folder holding Stage B and Stage A")
     gen.add_argument(
         "--random-weights",
-        choices=["tiny"],
-        help="run the built-in random-weight cascade (its pictures are noise)",
+        choices=["tiny", "lite", "big"],
+        help="run a built-in random-weight cascade: tiny, or the lite/big architectures for "
+        "benchmarks (its pictures are noise)",
     )
     gen.add_argument("-o", "--output", default="out.png")
     gen.add_argument("--seed", type=int, default=0)

@@ -168,22 +168,21 @@ class Cascade:
         seed: int = 0,
         recipe: str = "diffusers",
     ) -> Cascade:
-        """A built-in small cascade with random weights: it runs the whole path, its pictures
-        are noise."""
+        """A built-in cascade with random weights: "tiny" (small, runs anywhere), or "lite" /
+        "big" (the released architectures, for benchmarks). It runs the whole path; its
+        pictures are noise."""
         import tempfile
 
-        from cascade_rt.random_weights import TINY_VQGAN_CONFIG, build_tiny_models
+        from cascade_rt.random_weights import build_random_models
 
-        if size != "tiny":
-            raise ValueError(f"unknown random-weight size {size!r}; available: 'tiny'")
         dev = resolve_device(device)
         with tempfile.TemporaryDirectory(prefix="cascade_rt_tok_") as tmp:
-            parts = build_tiny_models(
-                Path(tmp), device=dev, dtype=resolve_dtype(dtype, dev), seed=seed
+            parts = build_random_models(
+                size, Path(tmp), device=dev, dtype=resolve_dtype(dtype, dev), seed=seed
             )
         return cls(
             **parts,
-            vqgan_scale_factor=TINY_VQGAN_CONFIG["scale_factor"],
+            vqgan_scale_factor=parts["vqgan"].config.scale_factor,
             recipe=recipe,
             random_weights=True,
         )

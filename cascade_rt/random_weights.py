@@ -8,6 +8,7 @@ clamp hides nothing. Pictures from these weights are noise.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -129,17 +130,19 @@ def randomize_(module: nn.Module, seed: int) -> nn.Module:
     gamma/beta, Stage A gammas) get small non-zero values; LayerNorm weights sit near one;
     BatchNorm statistics are plausible. Stage A's output layer is steered towards mid-grey.
     """
-    gen = torch.Generator().manual_seed(seed)
+    # Drawn where the module lives, so full-size models never pass through host memory.
+    device = next(module.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed)
 
     def normal(shape: torch.Size, std: float) -> torch.Tensor:
-        return torch.randn(shape, generator=gen) * std
+        return torch.randn(shape, generator=gen, device=device) * std
 
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         leaf = name.rsplit(".", 1)[-1]
         if not t.is_floating_point():
-            value = torch.zeros(t.shape, dtype=t.dtype)
+            value = torch.zeros(t.shape, dtype=t.dtype, device=device)
         elif leaf == "running_var":
-            value = torch.rand(t.shape, generator=gen) + 0.5
+            value = torch.rand(t.shape, generator=gen, device=device) + 0.5
         elif leaf == "running_mean":
             value = normal(t.shape, 0.1)
         elif leaf in ("gamma", "beta", "gammas"):
@@ -157,37 +160,69 @@ def randomize_(module: nn.Module, seed: int) -> nn.Module:
         elif name == STAGE_A_OUT_WEIGHT:
             value = value * 0.1
         elif name == STAGE_A_OUT_BIAS:
-            value = torch.full(t.shape, 0.5)
+            value = torch.full(t.shape, 0.5, device=device)
         t.copy_(value.to(t.dtype))
     return module
 
 
 def _materialize(module: nn.Module, seed: int, device: torch.device, dtype: torch.dtype):
-    module = module.to_empty(device="cpu")
-    randomize_(module, seed)
-    return module.to(device=device, dtype=dtype).eval()
+    # Cast on meta first so a full-size model is allocated once, in its run dtype.
+    module = module.to(dtype=dtype).to_empty(device=device)
+    return randomize_(module, seed).eval()
 
 
-def build_tiny_models(
-    tokenizer_dir: Path, *, device: torch.device, dtype: torch.dtype, seed: int = 0
+RANDOM_SIZES = ("tiny", "lite", "big")
+
+
+def build_random_models(
+    size: str, tokenizer_dir: Path, *, device: torch.device, dtype: torch.dtype, seed: int = 0
 ) -> dict[str, object]:
-    """The tiny cascade in memory: tokenizer, text_encoder, prior, decoder, vqgan.
+    """A random-weight cascade in memory: tokenizer, text_encoder, prior, decoder, vqgan.
 
-    `tokenizer_dir` receives the tiny CLIP vocabulary files.
+    "tiny" is the small test cascade; "lite" and "big" have the released architectures (Stage C
+    1B / 3.6B, Stage B 0.7B / 1.5B, ViT-bigG text encoder, Stage A) for benchmarking without
+    checkpoints. All use the tiny CLIP vocabulary written into `tokenizer_dir`.
     """
-    from cascade_rt.models.stage_a import StageA, StageAConfig
-    from cascade_rt.models.text_encoder import CLIPTextConfig, CLIPTextEncoder
+    from cascade_rt.models.stage_a import STAGE_A, StageA, StageAConfig
+    from cascade_rt.models.text_encoder import BIGG, CLIPTextConfig, CLIPTextEncoder
     from cascade_rt.models.tokenizer import CLIPTokenizer, write_tiny_clip_vocab
-    from cascade_rt.models.unet import StableCascadeUNet, UNetConfig
+    from cascade_rt.models.unet import (
+        STAGE_B,
+        STAGE_B_LITE,
+        STAGE_C,
+        STAGE_C_LITE,
+        StableCascadeUNet,
+        UNetConfig,
+    )
 
+    if size not in RANDOM_SIZES:
+        raise ValueError(f"unknown random-weight size {size!r}; choose from {RANDOM_SIZES}")
     write_tiny_clip_vocab(tokenizer_dir)
     tokenizer = CLIPTokenizer.from_folder(tokenizer_dir)
-    te_config = CLIPTextConfig.from_dict(tiny_text_encoder_config(tokenizer.vocab_size))
+    ids = tiny_text_encoder_config(tokenizer.vocab_size)
+    if size == "tiny":
+        te_config = CLIPTextConfig.from_dict(ids)
+        configs = (
+            UNetConfig.from_dict(TINY_PRIOR_CONFIG),
+            UNetConfig.from_dict(TINY_DECODER_CONFIG),
+            StageAConfig.from_dict(TINY_VQGAN_CONFIG),
+        )
+    else:
+        te_config = dataclasses.replace(
+            BIGG,
+            vocab_size=ids["vocab_size"],
+            bos_token_id=ids["bos_token_id"],
+            eos_token_id=ids["eos_token_id"],
+            pad_token_id=ids["pad_token_id"],
+        )
+        configs = (
+            (STAGE_C_LITE, STAGE_B_LITE, STAGE_A) if size == "lite" else (STAGE_C, STAGE_B, STAGE_A)
+        )
     with torch.device("meta"):
         text_encoder = CLIPTextEncoder(te_config)
-        prior = StableCascadeUNet(UNetConfig.from_dict(TINY_PRIOR_CONFIG))
-        decoder = StableCascadeUNet(UNetConfig.from_dict(TINY_DECODER_CONFIG))
-        vqgan = StageA(StageAConfig.from_dict(TINY_VQGAN_CONFIG))
+        prior = StableCascadeUNet(configs[0])
+        decoder = StableCascadeUNet(configs[1])
+        vqgan = StageA(configs[2])
     return {
         "tokenizer": tokenizer,
         "text_encoder": _materialize(text_encoder, seed, device, dtype),

@@ -6,16 +6,19 @@
 // Layout: q, out [B, Nq, H, D]; k, v [B, Nk, H, D]; k2, v2 [B, Nc, H, D] (null when Nc = 0), each
 //   with its own element strides (batch, token, head) and a unit-stride head dim, so slices of a
 //   fused qkv projection are read in place and the concatenation never exists in memory.
-// bf16/fp16: one block of 4 warps per 64 query rows, each warp owning 16 rows. Q is held in
-//   registers as mma A fragments; 64-key K and V tiles are staged in shared memory with cp.async,
-//   double-buffered so the next tile loads while the tensor cores work on the current one.
+// bf16/fp16: grid (ceil(Nq / 64), H, B), 128 threads: 4 warps per 64 query rows, 16 rows a warp
+//   (the mma M). Q is held in registers as mma A fragments; 64-key K and V tiles are staged in
+//   shared memory with cp.async, double-buffered so the next tile loads while the tensor cores
+//   work on the current one (37 KiB at D = 64, so several blocks share an SM and hide latency).
 //   S = Q K^T and O += P V use mma.sync m16n8k16 with fp32 accumulators; the S accumulator layout
 //   of two adjacent n8 tiles is exactly the A-fragment layout of one k16 step, so P goes from
 //   softmax to the second mma without touching shared memory, and each thread's rows are known,
 //   so the per-row rescale happens in registers. P is rounded to the input dtype for that mma.
-// fp32: tensor cores would mean tf32 rounding, so a SIMT kernel: a block of 4 warps per 32 query
-//   rows, 8 rows a warp; lane j scores key j of a 32-key tile and accumulates output columns
-//   lane, lane + 32, ... of its 8 rows.
+//   Fragments are read with plain 32/16-bit shared loads on rows padded by 16 bytes, which keeps
+//   them bank-conflict free; ldmatrix(.trans) would cut the load count (a tuning step left open).
+// fp32: tensor cores would mean tf32 rounding, so a SIMT kernel: grid (ceil(Nq / 32), H, B),
+//   128 threads, 8 query rows a warp; lane j scores key j of a 32-key tile and accumulates output
+//   columns lane, lane + 32, ... of its 8 rows, all in fp32.
 // Limits: D <= kAttentionCudaMaxHeadDim (128; padded to 32, 64 or 128 in shared memory and
 //   registers), any Nq, Nk >= 1, Nc >= 0, B and H up to 65535. Global rows are copied 16 bytes at
 //   a time when every pointer and stride is 16-byte aligned and D % 8 == 0, element-wise otherwise.
@@ -57,6 +60,7 @@ struct Params {
 
 constexpr int kBM = 64;  // query rows a block: 16 a warp, the mma M
 constexpr int kBN = 64;  // keys a tile
+static_assert(kBM == kBN, "Q is staged in a K tile buffer");
 
 template <int kD>
 struct HalfTile {

@@ -17,7 +17,7 @@ from cascade_rt.random_weights import (
     TINY_DECODER_CONFIG,
     TINY_PRIOR_CONFIG,
     TINY_VQGAN_CONFIG,
-    build_tiny_models,
+    build_random_models,
     tiny_text_encoder_config,
 )
 from cascade_rt.weights import write_component
@@ -46,7 +46,8 @@ def build_tiny_checkpoints(root: Path) -> TinyCheckpoints:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizerFast
 
     tok_dir = root / "tokenizer_files"
-    ours = build_tiny_models(tok_dir, device=torch.device("cpu"), dtype=torch.float32, seed=1234)
+    cpu = torch.device("cpu")
+    ours = build_random_models("tiny", tok_dir, device=cpu, dtype=torch.float32, seed=1234)
     tokenizer = CLIPTokenizerFast.from_pretrained(tok_dir)
     te_cfg = tiny_text_encoder_config(ours["tokenizer"].vocab_size)
     text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**te_cfg)).eval()

@@ -61,7 +61,7 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["generate", "x", "-o", "a.png"], "exactly one of --model PATH or --random-weights"),
+        (["generate", "x", "-o", "a.png"], "exactly one of --model PATH or --random-weights SIZE"),
         (["generate", "x", "--random-weights", "tiny", "-o", "a.gif"], "must end in .png"),
         (["generate", "x", "--random-weights", "tiny", "--height", "1000"], "Nearest valid"),
         (["generate", "x", "--model", "/nonexistent/ckpt"], "/nonexistent/ckpt"),

@@ -1,0 +1,101 @@
+"""Helpers shared by the norm-op tests (layernorm2d, grn_gelu, groupnorm_silu).
+
+Backends: every registered backend is a test parameter; one that cannot run here is skipped with
+the reason. Without CUDA the Triton kernels run in Triton's interpreter on CPU tensors; the
+`triton_interpreter` fixture sets TRITON_INTERPRET for the test only (the kernel modules are
+imported on first use, so the setting reaches them), and the interpreter gets small shapes only.
+
+Tolerance: a backend's max error against a float64 oracle may be at most 2x PyTorch's own max
+error at the same precision, where PyTorch's own is the torch reference backend run on the same
+(rounded) inputs in that dtype. A floor of a few fp32 ulps of the output scale covers fp32 cases
+where the reference happens to round almost exactly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from cascade_rt import _ext
+from cascade_rt.ops import registry
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+INTERPRETER_MAX_ELEMS = 1 << 20  # the Triton interpreter is numpy per program: keep it small
+GPU = pytest.mark.gpu
+
+
+def _param(name: str, device: str, available: bool, why: str):
+    marks = [pytest.mark.skipif(not available, reason=why)]
+    if device == "cuda":
+        marks.append(GPU)
+    return pytest.param(name, device, marks=marks, id=f"{name}-{device}")
+
+
+# (backend, device): the CPU set runs everywhere, the CUDA set only with a GPU.
+CPU_BACKENDS = [
+    _param("torch", "cpu", True, ""),
+    _param("cpp", "cpu", _ext.available(), "extension not built"),
+    _param("triton", "cpu", HAS_TRITON and not HAS_CUDA, "interpreter runs only without CUDA"),
+]
+CUDA_BACKENDS = [
+    _param("cuda", "cuda", HAS_CUDA and _ext.has_cuda(), "no CUDA device or no CUDA build"),
+    _param("triton", "cuda", HAS_CUDA and HAS_TRITON, "no CUDA device or no triton"),
+    _param("torch", "cuda", HAS_CUDA, "no CUDA device"),
+]
+ALL_BACKENDS = CPU_BACKENDS + CUDA_BACKENDS
+
+
+def use_interpreter_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For an autouse fixture of each test module: TRITON_INTERPRET=1 for the test only."""
+    if not HAS_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def require(op: str, backend: str, x: torch.Tensor, **facts: object) -> None:
+    """Skips unless `backend` runs `op` on x's device and dtype (and x is small enough for the
+    interpreter)."""
+    impl = registry.backends(op).get(backend)
+    if impl is None:
+        pytest.skip(f"{op} has no {backend} backend")
+    if not impl.supports(device=x.device, dtype=x.dtype, **facts):
+        pytest.skip(f"{backend} cannot run {op} for {x.dtype} on {x.device} {facts}")
+    if backend == "triton" and x.device.type == "cpu" and x.numel() > INTERPRETER_MAX_ELEMS:
+        pytest.skip(f"{x.numel()} elements is too many for the Triton interpreter")
+
+
+def poisoned(shape, dtype, device, **kw) -> torch.Tensor:
+    """An output buffer full of NaN, so an element the kernel fails to write fails the check."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device).contiguous(**kw)
+
+
+def factor(backend: str, x: torch.Tensor) -> float:
+    """The multiple of PyTorch's own error a backend may reach: 2, except the Triton interpreter
+    in bf16, which converts fp32 to bf16 by truncation (triton 3.9, interpreter._convert_float)
+    instead of the round-to-nearest-even of compiled Triton: up to 1 ulp of rounding instead of
+    1/2, so twice the allowance."""
+    interpreted = backend == "triton" and x.device.type == "cpu"
+    return 4.0 if interpreted and x.dtype == torch.bfloat16 else 2.0
+
+
+def assert_2x(
+    name: str, got: torch.Tensor, own: torch.Tensor, ref: torch.Tensor, times: float = 2.0
+) -> None:
+    """max|got - ref| <= times * max|own - ref| + a few fp32 ulps of max|ref| (ref: float64)."""
+    got, own, ref = (t.detach().cpu().double() for t in (got, own, ref))
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} vs {tuple(ref.shape)}"
+    err = (got - ref).abs().max().item()
+    own_err = (own - ref).abs().max().item()
+    floor = 8 * torch.finfo(torch.float32).eps * max(1.0, ref.abs().max().item())
+    assert err <= times * own_err + floor, (
+        f"{name}: max error {err:.3g} exceeds {times:g} x PyTorch's own {own_err:.3g} "
+        f"(+ {floor:.2g})"
+    )
+
+
+def randn(shape, dtype, device, seed: int, scale: float = 1.0, offset: float = 0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale + offset).to(dtype).to(device)
