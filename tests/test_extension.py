@@ -11,7 +11,7 @@ import torch
 
 from cascade_rt import _ext
 from cascade_rt.ops import vq_lookup
-from cascade_rt.ops.registry import resolve
+from cascade_rt.ops.registry import clear_cache, resolve
 
 
 @pytest.mark.skipif(
@@ -26,10 +26,12 @@ def test_extension_is_built_and_loaded() -> None:
     )
 
 
-def test_everything_falls_back_to_torch_without_extension(monkeypatch) -> None:
+def test_everything_falls_back_to_torch_without_extension(monkeypatch, request) -> None:
+    request.addfinalizer(clear_cache)  # forget what was resolved without the extension
     monkeypatch.setattr(_ext, "_module", None)
     monkeypatch.setattr(_ext, "_tried", True)
     monkeypatch.setattr(_ext, "_error", "ImportError: simulated")
+    clear_cache()
     impl = resolve("vq_lookup", device=torch.device("cpu"), dtype=torch.float32, dim=4)
     assert impl.backend == "torch"
     x, cb = torch.randn(50, 4), torch.randn(16, 4)

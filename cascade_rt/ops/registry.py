@@ -28,12 +28,14 @@ class Impl:
 
 
 _REGISTRY: dict[str, dict[str, Impl]] = {}
+_RESOLVED: dict[tuple, Impl] = {}
 
 
 def register(op: str, impl: Impl) -> None:
     if impl.backend not in ORDER:
         raise ValueError(f"unknown backend {impl.backend!r}; expected one of {ORDER}")
     _REGISTRY.setdefault(op, {})[impl.backend] = impl
+    _RESOLVED.clear()
 
 
 def backends(op: str) -> dict[str, Impl]:
@@ -85,8 +87,24 @@ def order() -> tuple[str, ...]:
 def resolve(op: str, backend: str | None = None, **facts: Any) -> Impl:
     """First implementation of `op` that supports `facts` (device, dtype, sizes).
 
-    With `backend` given, that one is used or a ValueError says why not.
+    With `backend` given, that one is used or a ValueError says why not. The answer is cached
+    per (op, backend, facts, environment), so the sampling loop pays one dict lookup per op call,
+    not a walk over the backends' predicates.
     """
+    env = (os.environ.get(ENV_VAR, "").strip(), os.environ.get("TRITON_INTERPRET", ""))
+    key = (op, backend, env, tuple(sorted(facts.items(), key=lambda kv: kv[0])))
+    impl = _RESOLVED.get(key)
+    if impl is None:
+        impl = _RESOLVED[key] = _resolve(op, backend, facts)
+    return impl
+
+
+def clear_cache() -> None:
+    """Forgets resolved backends (after the extension or the environment changed under us)."""
+    _RESOLVED.clear()
+
+
+def _resolve(op: str, backend: str | None, facts: dict[str, Any]) -> Impl:
     impls = backends(op)
     names = (backend,) if backend is not None else order()
     # Triton on CPU tensors means the interpreter (tests only): never picked unless asked for.
