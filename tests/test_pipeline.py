@@ -144,3 +144,12 @@ def test_long_prompt_is_truncated_with_warning(ours: Cascade, caplog) -> None:
             output_type="latent",
         )
     assert any("truncated" in r.getMessage() for r in caplog.records)
+
+
+def test_torch_reference_path_end_to_end(ours: Cascade, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CASCADE_RT_BACKEND=torch runs every op on its reference; the image stays the same."""
+    kwargs = dict(CASES["non_square"])
+    fast = ours(**kwargs, generator=torch.Generator().manual_seed(2), output_type="pt").images
+    monkeypatch.setenv("CASCADE_RT_BACKEND", "torch")
+    ref = ours(**kwargs, generator=torch.Generator().manual_seed(2), output_type="pt").images
+    assert (fast - ref).abs().max().item() < ATOL

@@ -149,9 +149,9 @@ class ResBlockA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, C, H, W] channels-last, so x.permute(0, 2, 3, 1) is a contiguous [B, H, W, C].
         g = self.gammas
-        t = layernorm2d(x.permute(0, 2, 3, 1)) * (1 + g[0]) + g[1]  # [B, H, W, C]
+        t = layernorm2d(x.permute(0, 2, 3, 1), post_scale=g[0], post_shift=g[1])  # [B, H, W, C]
         x = x + self.depthwise(t.permute(0, 3, 1, 2)) * g[2]
-        t = layernorm2d(x.permute(0, 2, 3, 1)) * (1 + g[3]) + g[4]  # [B, H, W, C]
+        t = layernorm2d(x.permute(0, 2, 3, 1), post_scale=g[3], post_shift=g[4])  # [B, H, W, C]
         return x + (self.channelwise(t) * g[5]).permute(0, 3, 1, 2)
 
 

@@ -348,19 +348,29 @@ class StableCascadeUNet(nn.Module):
         x = self._up(levels, r_embed, conditions.kv)
         return self.clf(x)  # [B, C_out, H, W]
 
-    def _run(
+    def _run_blocks(
         self,
-        block: nn.Module,
+        blocks: nn.ModuleList,
         x: torch.Tensor,
         r_embed: torch.Tensor,
         kv: tuple[tuple[torch.Tensor, torch.Tensor], ...],
         skip: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if isinstance(block, ResBlock):
-            return block(x, skip)
-        if isinstance(block, TimestepBlock):
-            return block(x, r_embed)
-        return block(x, *kv[block.index])
+        """One pass over a level's blocks; `skip` enters the first ResBlock. A TimestepBlock
+        followed by an AttnBlock hands its modulation to the attention norm (one fused pass)."""
+        pending = None
+        for k, block in enumerate(blocks):
+            if isinstance(block, ResBlock):
+                x = block(x, skip if k == 0 else None)
+            elif isinstance(block, TimestepBlock):
+                if k + 1 < len(blocks) and isinstance(blocks[k + 1], AttnBlock):
+                    pending = block.modulation(r_embed)
+                else:
+                    x = block(x, r_embed)
+            else:
+                x = block(x, *kv[block.index], modulation=pending)
+                pending = None
+        return x
 
     def _down(self, x: torch.Tensor, r_embed: torch.Tensor, kv) -> list[torch.Tensor]:
         """Down path; returns each level's output, deepest first."""
@@ -370,8 +380,7 @@ class StableCascadeUNet(nn.Module):
         ):
             x = downscaler(x)
             for rep in range(len(mappers) + 1):
-                for block in blocks:
-                    x = self._run(block, x, r_embed, kv)
+                x = self._run_blocks(blocks, x, r_embed, kv)
                 if rep < len(mappers):
                     x = mappers[rep](x)
             levels.insert(0, x)
@@ -384,13 +393,12 @@ class StableCascadeUNet(nn.Module):
             zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers, strict=True)
         ):
             for rep in range(len(mappers) + 1):
-                for k, block in enumerate(blocks):
-                    skip = None
-                    if i > 0 and k == 0 and isinstance(block, ResBlock):
-                        skip = levels[i]
-                        if x.shape[-2:] != skip.shape[-2:]:  # odd sizes lost a row/column
-                            x = resize(x, tuple(skip.shape[-2:]))
-                    x = self._run(block, x, r_embed, kv, skip)
+                skip = None
+                if i > 0 and isinstance(blocks[0], ResBlock):
+                    skip = levels[i]
+                    if x.shape[-2:] != skip.shape[-2:]:  # odd sizes lost a row/column
+                        x = resize(x, tuple(skip.shape[-2:]))
+                x = self._run_blocks(blocks, x, r_embed, kv, skip)
                 if rep < len(mappers):
                     x = mappers[rep](x)
             x = upscaler(x)

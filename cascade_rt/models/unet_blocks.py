@@ -143,14 +143,19 @@ class TimestepBlock(nn.Module):
         for name in conds:
             self.add_module(f"mapper_{name}", Linear(c_r, 2 * c))
 
-    def forward(self, x: torch.Tensor, r_embed: torch.Tensor) -> torch.Tensor:
-        # x: [B, C, H, W]; r_embed: [B or 1, c_r * (1 + len(conds))]
+    def modulation(self, r_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """r_embed [B or 1, c_r * (1 + len(conds))] -> (a, b), [B or 1, C] each."""
         chunks = r_embed.chunk(1 + len(self.conds), dim=1)
         ab = self.mapper(chunks[0])  # [B, 2C]
         for name, t in zip(self.conds, chunks[1:], strict=True):
             ab = ab + getattr(self, f"mapper_{name}")(t)
-        a, b = ab[:, None, None, :].chunk(2, dim=-1)  # [B, 1, 1, C] each
-        return nchw(torch.addcmul(b, nhwc(x), 1 + a))
+        a, b = ab.chunk(2, dim=1)
+        return a, b
+
+    def forward(self, x: torch.Tensor, r_embed: torch.Tensor) -> torch.Tensor:
+        # x: [B, C, H, W]
+        a, b = self.modulation(r_embed)
+        return nchw(torch.addcmul(b[:, None, None], nhwc(x), 1 + a[:, None, None]))
 
 
 class MultiheadAttentionWeights(nn.Module):
@@ -196,11 +201,23 @@ class AttnBlock(nn.Module):
         k, v = kv.unflatten(-1, (2, self.nhead, c // self.nhead)).unbind(2)
         return k, v
 
-    def forward(self, x: torch.Tensor, cond_k: torch.Tensor, cond_v: torch.Tensor) -> torch.Tensor:
-        # x: [B, C, H, W]; cond_k, cond_v: [B, Nc, nhead, D]
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond_k: torch.Tensor,
+        cond_v: torch.Tensor,
+        modulation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        # x: [B, C, H, W]; cond_k, cond_v: [B, Nc, nhead, D]. `modulation` is the preceding
+        # TimestepBlock's (a, b) [B, C]: applied inside the norm's pass instead of its own.
         b, c, h, w = x.shape
         attn = self.attention.attn
-        tokens = layernorm2d(nhwc(x)).view(b, h * w, c)  # row-major h*W+w token order
+        if modulation is None:
+            stream = nhwc(x)  # [B, H, W, C]
+            tokens = layernorm2d(stream)
+        else:
+            tokens, stream = layernorm2d(nhwc(x), scale=modulation[0], shift=modulation[1])
+        tokens = tokens.view(b, h * w, c)  # row-major h*W+w token order
         heads = (self.nhead, c // self.nhead)
         if self.self_attn:
             qkv = F.linear(tokens, attn.in_proj_weight, attn.in_proj_bias)  # [B, HW, 3C]
@@ -210,7 +227,7 @@ class AttnBlock(nn.Module):
             q = F.linear(tokens, attn.in_proj_weight[:c], attn.in_proj_bias[:c])
             o = attention(q.unflatten(-1, heads), cond_k, cond_v)
         o = attn.out_proj(o.view(b, h * w, c))  # [B, HW, C]
-        o += nhwc(x).reshape(b, h * w, c)
+        o += stream.reshape(b, h * w, c)
         return nchw(o.view(b, h, w, c))
 
 
