@@ -18,8 +18,6 @@ gives a row with its error instead of a timing.
 
 from __future__ import annotations
 
-import argparse
-
 import common
 import torch
 import torch.nn.functional as F
@@ -146,17 +144,12 @@ def main(quick: bool = False, device: str | None = None) -> list[dict]:
                 )
                 if err is not None:
                     r["max_abs_err"] = err
-            common.print_rows([r])
-            # Row by row, so a run cut short by a time limit keeps what it measured.
-            common.write_rows([r], OP)
-            rows.append(r)
+            common.emit(r, OP, rows)
     print(f"wrote {len(rows)} rows to {common.results_path(OP)}")
     return rows
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", choices=("cpu", "cuda"))
+    parser = common.bench_parser(__doc__)
     args = parser.parse_args()
     main(quick=args.quick, device=args.device)

@@ -11,7 +11,6 @@ One warm-up generation, then the median of `iters` generations per stage.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import common
@@ -90,9 +89,7 @@ def main(quick: bool = False, device: str | None = None, size: str | None = None
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device")
+    parser = common.bench_parser(__doc__)
     parser.add_argument("--size", choices=["tiny", "lite", "big"])
     a = parser.parse_args()
     main(quick=a.quick, device=a.device, size=a.size)

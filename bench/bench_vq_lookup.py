@@ -11,8 +11,6 @@ mul, add) is set against the measured fp32 matmul peak.
 
 from __future__ import annotations
 
-import argparse
-
 import common
 import torch
 
@@ -98,17 +96,12 @@ def main(quick: bool = False, device: str | None = None) -> list[dict]:
                     peak_dtype=torch.float32,
                 )
                 r["valid"] = valid
-                common.print_rows([r])
-                # Row by row, so a run cut short by a time limit keeps what it measured.
-                common.write_rows([r], OP)
-                rows.append(r)
+                common.emit(r, OP, rows)
     print(f"wrote {len(rows)} rows to {common.results_path(OP)}")
     return rows
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", choices=("cpu", "cuda"))
+    parser = common.bench_parser(__doc__)
     args = parser.parse_args()
     main(quick=args.quick, device=args.device)

@@ -12,6 +12,7 @@ for compute.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import importlib.metadata
 import json
@@ -272,3 +273,19 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
             pct = f" ({r['pct_of_peak']:.1f}% of peak)" if "pct_of_peak" in r else ""
             figure = f"{r['us']:>12.1f} us  {rate}{pct}"
         print(f"{r['op']:<16} {r['backend']:<22} {r['dtype']:<5} {r['shape']:<28} {figure}")
+
+
+def emit(r: dict[str, Any], op: str, rows: list[dict[str, Any]]) -> None:
+    """Prints and appends one row right away, so a run cut short by a time limit keeps what it
+    measured, and collects it in `rows`."""
+    print_rows([r])
+    write_rows([r], op)
+    rows.append(r)
+
+
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The flags every bench takes (--quick, --device); a bench may add its own."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
+    parser.add_argument("--device", choices=("cpu", "cuda"))
+    return parser

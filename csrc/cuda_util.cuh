@@ -64,10 +64,17 @@ inline int cdiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b)
 template <typename F>
 void dispatch_dtype(int dtype, const char* op, F&& f) {
   switch (dtype) {
-    case kFloat32: f(float{}); break;
-    case kFloat16: f(__half{}); break;
-    case kBFloat16: f(__nv_bfloat16{}); break;
-    default: throw std::invalid_argument(std::string(op) + ": unsupported dtype tag");
+    case kFloat32:
+      f(float{});
+      break;
+    case kFloat16:
+      f(__half{});
+      break;
+    case kBFloat16:
+      f(__nv_bfloat16{});
+      break;
+    default:
+      throw std::invalid_argument(std::string(op) + ": unsupported dtype tag");
   }
 }
 

@@ -34,8 +34,8 @@ __device__ __forceinline__ float gelu(float v) {
 
 template <typename T, int kV>
 __global__ void __launch_bounds__(kLanes* kRows)
-    grn_stats_kernel(const T* __restrict__ h,    // [B, HW, C]
-                     T* __restrict__ g_out,      // [B, HW, C] or null
+    grn_stats_kernel(const T* __restrict__ h,      // [B, HW, C]
+                     T* __restrict__ g_out,        // [B, HW, C] or null
                      float* __restrict__ partial,  // [B, tiles, C]
                      int64_t hw, int c, int tile_pixels) {
   const int tile = blockIdx.x;
@@ -120,12 +120,11 @@ __global__ void __launch_bounds__(kScaleThreads)
 }
 
 template <typename T, int kV>
-__global__ void __launch_bounds__(256)
-    grn_apply_kernel(const T* __restrict__ h,        // [B, HW, C]
-                     const T* __restrict__ beta,     // [C]
-                     const float* __restrict__ scale,  // [B, C]
-                     T* __restrict__ out,            // [B, HW, C]
-                     int64_t packs, int64_t hw, int c) {
+__global__ void __launch_bounds__(256) grn_apply_kernel(const T* __restrict__ h,     // [B, HW, C]
+                                                        const T* __restrict__ beta,  // [C]
+                                                        const float* __restrict__ scale,  // [B, C]
+                                                        T* __restrict__ out,  // [B, HW, C]
+                                                        int64_t packs, int64_t hw, int c) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= packs) return;
   const int64_t e = i * kV;
@@ -150,8 +149,8 @@ void launch(const T* h, const T* gamma, const T* beta, T* out, float* scale, flo
   grn_scale_kernel<T><<<static_cast<unsigned>(b), kScaleThreads, 0, s>>>(gamma, scale, c);
   if (beta) {
     const int64_t packs = b * hw * c / kV;
-    grn_apply_kernel<T, kV>
-        <<<static_cast<unsigned>((packs + 255) / 256), 256, 0, s>>>(h, beta, scale, out, packs, hw, c);
+    grn_apply_kernel<T, kV><<<static_cast<unsigned>((packs + 255) / 256), 256, 0, s>>>(
+        h, beta, scale, out, packs, hw, c);
   }
 }
 

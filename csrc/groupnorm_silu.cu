@@ -1,13 +1,15 @@
 // groupnorm_silu, CUDA: SiLU(GroupNorm(x)) with a per-channel affine, NCHW or channels-last.
 // Math, per sample b and group g of Cg = C / G channels x HW pixels:
-//   mean, var = biased moments;  y = (x - mean) * rsqrt(var + eps) * w[c] + bias[c];  out = y * sigmoid(y)
+//   mean, var = biased moments;  y = (x - mean) * rsqrt(var + eps) * w[c] + bias[c];  out = y *
+//   sigmoid(y)
 // Layout: x, out contiguous, both [B, C, HW] (NCHW) or both [B, HW, C] (channels-last); weight,
 // bias [C] in x's dtype; workspace fp32 [B * G * (3 * tiles + 2)].
 // Statistics: fp32 Welford per thread, merged with Chan's formula (shuffle tree, then warps in
 // order) into one (count, mean, M2) per (sample, group, tile); a warp per (sample, group) merges
 // the tiles in a fixed tree. No atomics, so results are bitwise reproducible.
 // Kernels: 1. stats grid (tiles, G, B), 256 threads, a tile = ceil(HW / tiles) pixels x Cg
-// channels walked in memory order (NCHW: pixels fastest; channels-last: channels fastest);
+// channels walked in memory order (NCHW: pixels fastest; channels-last: channels fastest; see
+// TileWalk);
 // 2. finalize, a warp per (sample, group) -> mean, rstd; 3. apply, same grid as 1.
 // Limits: a tile holds < 2^31 elements; loads are scalar (coalesced along the contiguous dim).
 #include "cascade_rt.h"
@@ -53,22 +55,40 @@ __device__ __forceinline__ Moments warp_merge(Moments m) {
   return m;
 }
 
-// Offset of element (channel j of the group, pixel px) of group g in sample b.
-__device__ __forceinline__ int64_t offset(const Shape& s, int64_t b, int g, int j, int64_t px) {
-  const int ch = g * s.cg + j;
-  return s.channels_last ? (b * s.hw + px) * s.c + ch : (b * s.c + ch) * s.hw + px;
-}
+// Walks the elements of one tile (np pixels from p0 x the group's Cg channels) in memory order,
+// kThreads apart: `inner` runs along the contiguous dim (pixels in NCHW, channels in
+// channels-last), `outer` along the other. Coordinates advance by adds, not a division per element.
+struct TileWalk {
+  int inner, outer, inner_size, outer_size, d_inner, d_outer;
 
-// The k-th element of a tile of `np` pixels starting at p0, in memory order.
-__device__ __forceinline__ void tile_coords(const Shape& s, int k, int np, int& j, int64_t& px,
-                                            int64_t p0) {
-  if (s.channels_last) {
-    j = k % s.cg;
-    px = p0 + k / s.cg;
-  } else {
-    j = k / np;
-    px = p0 + k % np;
+  __device__ TileWalk(const Shape& s, int np)
+      : inner_size(s.channels_last ? s.cg : np), outer_size(s.channels_last ? np : s.cg) {
+    inner = static_cast<int>(threadIdx.x) % inner_size;
+    outer = static_cast<int>(threadIdx.x) / inner_size;
+    d_inner = kThreads % inner_size;
+    d_outer = kThreads / inner_size;
   }
+  __device__ bool valid() const { return outer < outer_size; }
+  __device__ void next() {
+    inner += d_inner;
+    outer += d_outer;
+    if (inner >= inner_size) {
+      inner -= inner_size;
+      ++outer;
+    }
+  }
+  __device__ int channel(const Shape& s, int g) const {
+    return g * s.cg + (s.channels_last ? inner : outer);
+  }
+  __device__ int64_t offset(const Shape& s, int64_t b, int g, int64_t p0) const {
+    return s.channels_last ? (b * s.hw + p0 + outer) * s.c + g * s.cg + inner
+                           : (b * s.c + g * s.cg + outer) * s.hw + p0 + inner;
+  }
+};
+
+// Pixels of tile `tile` (0 for a tile past the end).
+__device__ __forceinline__ int tile_pixels(const Shape& s, int64_t p0) {
+  return static_cast<int>(max(int64_t{0}, min(s.hw - p0, int64_t{s.tile_pixels})));
 }
 
 template <typename T>
@@ -77,17 +97,16 @@ __global__ void __launch_bounds__(kThreads)
   const int tile = blockIdx.x, g = blockIdx.y;
   const int64_t b = blockIdx.z;
   const int64_t p0 = static_cast<int64_t>(tile) * s.tile_pixels;
-  const int np = static_cast<int>(max(int64_t{0}, min(s.hw - p0, int64_t{s.tile_pixels})));
+  const int np = tile_pixels(s, p0);
   Moments m{0.f, 0.f, 0.f};
-  for (int k = threadIdx.x; k < np * s.cg; k += kThreads) {
-    int j;
-    int64_t px;
-    tile_coords(s, k, np, j, px, p0);
-    const float v = to_f32(x[offset(s, b, g, j, px)]);
-    m.n += 1.f;
-    const float d = v - m.mean;
-    m.mean += d / m.n;
-    m.m2 = fmaf(d, v - m.mean, m.m2);
+  if (np > 0) {
+    for (TileWalk w(s, np); w.valid(); w.next()) {
+      const float v = to_f32(x[w.offset(s, b, g, p0)]);
+      m.n += 1.f;
+      const float d = v - m.mean;
+      m.mean += d / m.n;
+      m.m2 = fmaf(d, v - m.mean, m.m2);
+    }
   }
   m = warp_merge(m);
   __shared__ Moments warps[kThreads / 32];
@@ -131,15 +150,13 @@ __global__ void __launch_bounds__(kThreads)
   const int tile = blockIdx.x, g = blockIdx.y;
   const int64_t b = blockIdx.z;
   const int64_t p0 = static_cast<int64_t>(tile) * s.tile_pixels;
-  const int np = static_cast<int>(max(int64_t{0}, min(s.hw - p0, int64_t{s.tile_pixels})));
+  const int np = tile_pixels(s, p0);
+  if (np == 0) return;
   const float* st = stats + (b * gridDim.y + g) * 2;
   const float mean = st[0], rstd = st[1];
-  for (int k = threadIdx.x; k < np * s.cg; k += kThreads) {
-    int j;
-    int64_t px;
-    tile_coords(s, k, np, j, px, p0);
-    const int ch = g * s.cg + j;
-    const int64_t off = offset(s, b, g, j, px);
+  for (TileWalk w(s, np); w.valid(); w.next()) {
+    const int ch = w.channel(s, g);
+    const int64_t off = w.offset(s, b, g, p0);
     const float y = fmaf((to_f32(x[off]) - mean) * rstd, to_f32(weight[ch]), to_f32(bias[ch]));
     out[off] = from_f32<T>(y / (1.f + expf(-y)));
   }

@@ -161,9 +161,9 @@ void launch_width(const Params& p, cudaStream_t stream) {
 }  // namespace
 
 void layernorm2d_cuda(const void* x, const void* residual, const void* scale, const void* shift,
-                      int64_t mod_stride, const void* post_scale, const void* post_shift,
-                      void* out, void* pre, int64_t rows, int64_t rows_per_sample, int64_t c,
-                      float eps, int dtype, void* stream) {
+                      int64_t mod_stride, const void* post_scale, const void* post_shift, void* out,
+                      void* pre, int64_t rows, int64_t rows_per_sample, int64_t c, float eps,
+                      int dtype, void* stream) {
   if (c < 1 || c > kLayerNorm2dMaxC || rows_per_sample < 1) {
     throw std::invalid_argument("layernorm2d_cuda: C out of range");
   }
@@ -172,7 +172,7 @@ void layernorm2d_cuda(const void* x, const void* residual, const void* scale, co
     throw std::invalid_argument("layernorm2d_cuda: scale/shift and post_scale/post_shift pair up");
   }
   if (rows == 0) return;
-  const Params p{x,   residual, scale, shift, mod_stride,           post_scale, post_shift,
+  const Params p{x,   residual, scale, shift,           mod_stride,          post_scale, post_shift,
                  out, pre,      rows,  rows_per_sample, static_cast<int>(c), eps};
   auto s = static_cast<cudaStream_t>(stream);
   cuda::dispatch_dtype(dtype, "layernorm2d_cuda", [&](auto tag) {

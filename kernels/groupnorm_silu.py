@@ -130,7 +130,9 @@ def _groupnorm_silu_apply_kernel(
             offs = offset + j.to(tl.int64)[:, None] * stride_c + p.to(tl.int64)[None, :] * stride_p
             v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             y = (v - mean) * w[:, None] + bias[:, None]
-            y = y / (1.0 + tl.exp(-y))
+            # Clamped so exp stays finite (the interpreter's numpy warns on overflow): for
+            # y < -80, silu(y) is below 1e-33 with or without the clamp.
+            y = y / (1.0 + tl.exp(-tl.maximum(y, -80.0)))
             tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -4,7 +4,10 @@ Tolerance rule (flash-attention's): a backend's max abs error against float64 ma
 PyTorch's own error at the same precision (torch SDPA run in that dtype on the concatenated
 keys/values), plus half an ulp of the largest output, which is what rounding the exact result to
 the output dtype alone can cost (it keeps cases where SDPA happens to be exact, such as a single
-key, from demanding bit-exactness).
+key, from demanding bit-exactness). On CPU, torch's SDPA keeps the probabilities P in fp32, while
+the fused kernels round P to the input dtype for the P·V product as GPU flash attention does; in
+bf16 with only a few keys that rounding is as large as the output's own, and the Triton error sits
+at 0.8-0.96 of this bound (the floor included; over 40 seeds of the small shapes).
 
 On a CPU-only machine the Triton kernel runs in Triton's interpreter on CPU tensors.
 TRITON_INTERPRET must be set before triton is first imported (triton.language's own jit helpers
@@ -218,6 +221,20 @@ def test_gpu_strided_views(backend, name, dtype):
     _skip_without_backend(backend)
     _skip_unsupported(backend, "cuda", dtype, SHAPES[name][-1])
     inputs = _make(SHAPES[name], dtype, device="cuda", fused=True)
+    _check(attention(*inputs, backend=backend), inputs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_gpu_misaligned_views(backend, dtype):
+    # Views starting one element into rows of D + 1: no pointer or stride is 16-byte aligned,
+    # so the CUDA kernels take their element-wise copy path.
+    _skip_without_backend(backend)
+    b, nq, nk, nc, h, d = SHAPES["unaligned"]
+    wide = _make((b, nq, nk, nc, h, d + 1), dtype, device="cuda")
+    inputs = tuple(t[..., 1:] for t in wide)
     _check(attention(*inputs, backend=backend), inputs)
 
 

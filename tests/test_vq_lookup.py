@@ -1,27 +1,23 @@
 """vq_lookup on every available backend against a float64 reference.
 
-Without CUDA the Triton kernel runs in Triton's interpreter on CPU tensors: TRITON_INTERPRET must
-be set before the kernel module is imported (it picks compiled or interpreted at import), and
-cascade_rt imports it on first use, so setting it here, at collection, is early enough.
+Without CUDA the Triton kernel runs in Triton's interpreter on CPU tensors. The kernel module
+picks compiled or interpreted when it is imported, and cascade_rt imports it on first use, so an
+autouse fixture sets TRITON_INTERPRET=1 for the Triton-on-CPU tests alone: set for the whole
+session it would route every CPU vq_lookup (other tests, Stage A) through the interpreter.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from cascade_rt import _ext
 from cascade_rt.ops import vq_lookup
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-ON_TRITON_DEVICE = HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"
 GPU = pytest.mark.gpu
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -37,14 +33,19 @@ def _backend_param(name: str, device: str, available: bool, why: str):
 BACKENDS = [
     _backend_param("torch", "cpu", True, ""),
     _backend_param("cpp", "cpu", _ext.available(), "extension not built"),
-    _backend_param(
-        "triton",
-        "cuda" if HAS_CUDA else "cpu",
-        HAS_TRITON and ON_TRITON_DEVICE,
-        "triton missing, or no CUDA and TRITON_INTERPRET unset",
-    ),
+    # With CUDA, Triton is tested compiled on the GPU; without, in its interpreter.
+    _backend_param("triton", "cuda" if HAS_CUDA else "cpu", HAS_TRITON, "triton missing"),
     _backend_param("cuda", "cuda", _ext.has_cuda() and HAS_CUDA, "no CUDA device or no CUDA build"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpreter_on_cpu(request, monkeypatch):
+    callspec = getattr(request.node, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    if params.get("backend") == "triton" and params.get("device") == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
 
 # Named shapes (N, K, D): edges first, then Stage A's D = 4, K = 8192 at a small N.
 SHAPES = {
@@ -55,7 +56,10 @@ SHAPES = {
     "D3": (70, 129, 3),
     "K300_unaligned": (65, 300, 4),
     "D5": (40, 77, 5),
+    "D20": (30, 90, 20),
     "D64": (48, 140, 64),
+    # More rows than one CUDA block (256) and codewords than one CUDA tile (1024), both partial.
+    "N260_K1100": (260, 1100, 4),
     "stage_a": (64, 8192, 4),
 }
 

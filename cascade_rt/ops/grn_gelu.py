@@ -59,9 +59,16 @@ def _cpp_fn(h, gamma, beta, out, scale=None) -> None:
     if scale is None:
         scale = torch.empty((b, c), dtype=torch.float32)
     _ext.native().grn_gelu_cpu(
-        ptr(h), ptr(gamma), ptr(beta), ptr(out), ptr(scale), b, height * width, c,
+        ptr(h),
+        ptr(gamma),
+        ptr(beta),
+        ptr(out),
+        ptr(scale),
+        b,
+        height * width,
+        c,
         _ext.DTYPE_TAGS[h.dtype],
-    )  # fmt: skip
+    )
 
 
 register(OP, Impl("cuda", _cuda_fn, lambda device, **_: cuda_runs(device, "grn_gelu_cuda")))

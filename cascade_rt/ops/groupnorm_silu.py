@@ -38,11 +38,23 @@ def _workspace(x: torch.Tensor, num_groups: int, tiles: int) -> torch.Tensor:
 def _cuda_fn(x, weight, bias, out, num_groups, eps) -> None:
     b, c, h, w = x.shape
     tiles = _tiles(x, num_groups)
+    workspace = _workspace(x, num_groups, tiles)  # held until the launches are queued
     _ext.native().groupnorm_silu_cuda(
-        ptr(x), ptr(weight), ptr(bias), ptr(out), ptr(_workspace(x, num_groups, tiles)),
-        b, c, h * w, num_groups, tiles, _channels_last(x), eps, _ext.DTYPE_TAGS[x.dtype],
+        ptr(x),
+        ptr(weight),
+        ptr(bias),
+        ptr(out),
+        ptr(workspace),
+        b,
+        c,
+        h * w,
+        num_groups,
+        tiles,
+        _channels_last(x),
+        eps,
+        _ext.DTYPE_TAGS[x.dtype],
         _ext.stream_handle(x.device),
-    )  # fmt: skip
+    )
 
 
 def _triton_fn(x, weight, bias, out, num_groups, eps) -> None:
@@ -51,17 +63,33 @@ def _triton_fn(x, weight, bias, out, num_groups, eps) -> None:
 
     tiles = _tiles(x, num_groups)
     groupnorm_silu_triton(
-        x, weight, bias, out, _workspace(x, num_groups, tiles), num_groups, tiles,
-        _channels_last(x), eps,
-    )  # fmt: skip
+        x,
+        weight,
+        bias,
+        out,
+        _workspace(x, num_groups, tiles),
+        num_groups,
+        tiles,
+        _channels_last(x),
+        eps,
+    )
 
 
 def _cpp_fn(x, weight, bias, out, num_groups, eps) -> None:
     b, c, h, w = x.shape
     _ext.native().groupnorm_silu_cpu(
-        ptr(x), ptr(weight), ptr(bias), ptr(out), b, c, h * w, num_groups, _channels_last(x),
-        eps, _ext.DTYPE_TAGS[x.dtype],
-    )  # fmt: skip
+        ptr(x),
+        ptr(weight),
+        ptr(bias),
+        ptr(out),
+        b,
+        c,
+        h * w,
+        num_groups,
+        _channels_last(x),
+        eps,
+        _ext.DTYPE_TAGS[x.dtype],
+    )
 
 
 register(OP, Impl("cuda", _cuda_fn, lambda device, **_: cuda_runs(device, "groupnorm_silu_cuda")))

@@ -54,11 +54,11 @@ def _triton_fn(x, out, eps, *fused) -> None:
     layernorm2d_triton(x, out, eps, *fused)
 
 
-def _cuda_supports(device: torch.device, channels: int, **_: object) -> bool:
+def _cuda_supports(device: torch.device, channels: int = 1, **_: object) -> bool:
     return cuda_runs(device, "layernorm2d_cuda") and channels <= _ext.native().layernorm2d_max_c
 
 
-def _triton_supports(device: torch.device, channels: int, **_: object) -> bool:
+def _triton_supports(device: torch.device, channels: int = 1, **_: object) -> bool:
     return triton_runs(device) and channels <= MAX_TRITON_C
 
 
