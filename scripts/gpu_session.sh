@@ -3,7 +3,7 @@
 #
 #   CASCADE_RT_COMMIT=<short hash> bash scripts/gpu_session.sh [phase ...]
 #
-# Phases (default: all, in this order): wheels build gpu_tests tests bench. It runs from the repo
+# Phases (default: all, in this order): wheels build gpu_tests tests bench profile. It runs from the repo
 # root and writes under $OUT (default ./out): session.log (one line per phase, rc and seconds),
 # <phase>.log for each phase, and bench_results.jsonl (every bench row, each tagged with its op):
 # at most 7 files, so all of them come back from the machine. A failed phase is logged and the
@@ -67,7 +67,8 @@ log "commit: ${CASCADE_RT_COMMIT:-unknown (set CASCADE_RT_COMMIT)}"
 export CASCADE_RT_COMMIT=${CASCADE_RT_COMMIT:-unknown}
 
 phases=("$@")
-[ ${#phases[@]} -eq 0 ] && phases=(wheels build gpu_tests tests bench)
+[ ${#phases[@]} -eq 0 ] && phases=(wheels build gpu_tests tests bench profile)
+rm -rf /tmp/bench_out && mkdir -p /tmp/bench_out
 for phase in "${phases[@]}"; do
   case $phase in
   wheels)
@@ -83,16 +84,17 @@ for phase in "${phases[@]}"; do
   # The rest of the suite; with gpu_tests above, the whole suite runs once.
   tests) run_phase tests 120 "$PY" -m pytest -m "not gpu" -q -p no:cacheprovider ;;
   bench)
-    # Benches write one <op>.jsonl each; they are merged so that few files come back.
-    rm -rf /tmp/bench_out && mkdir -p /tmp/bench_out
     # shellcheck disable=SC2086 # BENCH_ARGS holds several words, e.g. "--quick --only vq_lookup"
     run_phase bench 170 env OUT=/tmp/bench_out "$PY" bench/run_all.py ${BENCH_ARGS:-}
-    cat /tmp/bench_out/*.jsonl >"$OUT/bench_results.jsonl" 2>/dev/null ||
-      log "bench: no result rows written"
     ;;
-  *) log "unknown phase '$phase' (known: wheels build gpu_tests tests bench)" && failed+=("$phase") ;;
+  profile) run_phase profile 90 env OUT=/tmp/bench_out "$PY" bench/profile_step.py ;;
+  *) log "unknown phase '$phase' (known: wheels build gpu_tests tests bench profile)" && failed+=("$phase") ;;
   esac
 done
+# Benches write one <op>.jsonl each; they are merged so that few files come back.
+if compgen -G "/tmp/bench_out/*.jsonl" >/dev/null; then
+  cat /tmp/bench_out/*.jsonl >"$OUT/bench_results.jsonl"
+fi
 
 if [ ${#failed[@]} -gt 0 ]; then
   log "FAILED phases: ${failed[*]}"

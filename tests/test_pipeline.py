@@ -153,3 +153,28 @@ def test_torch_reference_path_end_to_end(ours: Cascade, monkeypatch: pytest.Monk
     monkeypatch.setenv("CASCADE_RT_BACKEND", "torch")
     ref = ours(**kwargs, generator=torch.Generator().manual_seed(2), output_type="pt").images
     assert (fast - ref).abs().max().item() < ATOL
+
+
+def test_stability_recipe_runs_end_to_end(tiny) -> None:
+    """The official sampler through the whole cascade: seeded, finite, and not the diffusers path
+    (its math is unit-tested in test_sampling.py)."""
+    stab = Cascade.from_pretrained(
+        tiny.combined, device="cpu", dtype=torch.float32, recipe="stability"
+    )
+    stab.set_progress_bar_config(disable=True)
+    kwargs = dict(
+        prompt="a red fox",
+        height=256,
+        width=256,
+        prior_num_inference_steps=3,
+        num_inference_steps=2,
+        output_type="pt",
+    )
+    a = stab(**kwargs, generator=torch.Generator().manual_seed(3)).images
+    b = stab(**kwargs, generator=torch.Generator().manual_seed(3)).images
+    assert a.shape == (1, 3, 256, 256) and torch.isfinite(a).all()
+    assert torch.equal(a, b)
+    ref = tiny.pipe(
+        **kwargs, decoder_guidance_scale=1.1, generator=torch.Generator().manual_seed(3)
+    ).images
+    assert (a - ref).abs().max().item() > 100 * ATOL

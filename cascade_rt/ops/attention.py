@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
-
 import torch
 
 from cascade_rt import _ext
 from cascade_rt.ops._check import check_out, check_tensor
+from cascade_rt.ops._support import cuda_runs, triton_runs
 from cascade_rt.ops.reference import attention_torch
 from cascade_rt.ops.registry import Impl, register, resolve
 
@@ -61,23 +58,13 @@ def _triton_fn(q, k, v, k2, v2, out) -> None:
         attention_triton(q, k, v, k2, v2, out)
 
 
-@functools.cache
-def _has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def _triton_supports(device: torch.device, head_dim: int = 64, **_: object) -> bool:
-    # CPU tensors only run in Triton's interpreter (the tests' way to check the kernel off-GPU).
-    on_device = device.type == "cuda" or (
-        device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-    )
-    return on_device and head_dim <= MAX_HEAD_DIM and _has_triton()
+    return triton_runs(device) and head_dim <= MAX_HEAD_DIM
 
 
 def _cuda_supports(device: torch.device, head_dim: int = 64, **_: object) -> bool:
     return (
-        _ext.has_cuda()
-        and device.type == "cuda"
+        cuda_runs(device, "attention_cuda")
         and head_dim <= _ext.native().attention_cuda_max_head_dim
     )
 

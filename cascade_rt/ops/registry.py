@@ -60,7 +60,7 @@ def live_backends(op: str, device, dtypes=None) -> list[str]:
     live = []
     for name in order():
         impl = impls.get(name)
-        if impl is None:
+        if impl is None or _interpreter_only(name, device, backend=None):
             continue
         try:
             ok = all(impl.supports(device=device, dtype=dt) for dt in dtypes)
@@ -99,6 +99,13 @@ def resolve(op: str, backend: str | None = None, **facts: Any) -> Impl:
     return impl
 
 
+def _interpreter_only(name: str, device: Any, backend: str | None) -> bool:
+    """Triton on CPU tensors is its interpreter (a test tool): never chosen unless asked for,
+    by name or through CASCADE_RT_BACKEND."""
+    automatic = backend is None and not os.environ.get(ENV_VAR, "").strip()
+    return automatic and name == "triton" and device is not None and device.type != "cuda"
+
+
 def clear_cache() -> None:
     """Forgets resolved backends (after the extension or the environment changed under us)."""
     _RESOLVED.clear()
@@ -107,11 +114,8 @@ def clear_cache() -> None:
 def _resolve(op: str, backend: str | None, facts: dict[str, Any]) -> Impl:
     impls = backends(op)
     names = (backend,) if backend is not None else order()
-    # Triton on CPU tensors means the interpreter (tests only): never picked unless asked for.
-    automatic = backend is None and not os.environ.get(ENV_VAR, "").strip()
-    device = facts.get("device")
     for name in names:
-        if automatic and name == "triton" and device is not None and device.type != "cuda":
+        if _interpreter_only(name, facts.get("device"), backend):
             continue
         impl = impls.get(name)
         if impl is not None and impl.supports(**facts):

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
-
 import torch
 
 from cascade_rt import _ext
 from cascade_rt.ops._check import check_out, check_tensor
+from cascade_rt.ops._support import cpp_runs, cuda_runs, triton_runs
 from cascade_rt.ops.reference import vq_lookup_torch
 from cascade_rt.ops.registry import Impl, register, resolve
 
@@ -49,27 +46,17 @@ def _triton_fn(x, codebook, indices, quantized) -> None:
     vq_lookup_triton(x, codebook, indices, quantized)
 
 
-@functools.cache
-def _has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _triton_supports(device: torch.device, dim: int, **_: object) -> bool:
-    # CPU tensors only run in Triton's interpreter (the tests' way to check the kernel off-GPU).
-    on_device = device.type == "cuda" or (
-        device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-    )
+def _triton_supports(device: torch.device, dim: int = 4, **_: object) -> bool:
     # The kernel unrolls the width; wider codebooks take another backend.
-    return on_device and dim <= MAX_TRITON_DIM and _has_triton()
+    return triton_runs(device) and dim <= MAX_TRITON_DIM
 
 
 def _cpp_supports(device: torch.device, dim: int = 4, **_: object) -> bool:
-    mod = _ext.native()
-    return mod is not None and device.type == "cpu" and dim <= mod.vq_max_dim
+    return cpp_runs(device, "vq_lookup_cpu") and dim <= _ext.native().vq_max_dim
 
 
 def _cuda_supports(device: torch.device, dim: int = 4, **_: object) -> bool:
-    return _ext.has_cuda() and device.type == "cuda" and dim <= _ext.native().vq_max_dim
+    return cuda_runs(device, "vq_lookup_cuda") and dim <= _ext.native().vq_max_dim
 
 
 register(OP, Impl("cuda", _cuda_fn, _cuda_supports))
