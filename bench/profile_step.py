@@ -9,11 +9,14 @@ so the kernel choices in NOTES.md rest on a measured breakdown.
 
 from __future__ import annotations
 
+import os
+
 import common
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from cascade_rt.models.unet import STAGE_B, STAGE_B_LITE, STAGE_C, STAGE_C_LITE, StableCascadeUNet
+from cascade_rt.ops.registry import PROFILE_VAR
 from cascade_rt.random_weights import randomize_
 from cascade_rt.resolution import latent_sizes
 
@@ -84,6 +87,7 @@ def profile_stage(
 def main(
     quick: bool = False, device: str | None = None, size: str | None = None, res: int | None = None
 ) -> list[dict]:
+    os.environ[PROFILE_VAR] = "1"  # name cascade_rt's own kernels in the trace
     dev = torch.device(device) if device else common.default_device()
     cuda = dev.type == "cuda"
     size = size or ("big" if cuda else "lite")

@@ -16,6 +16,7 @@ from typing import Any
 
 ORDER: tuple[str, ...] = ("cuda", "triton", "cpp", "torch")
 ENV_VAR = "CASCADE_RT_BACKEND"
+PROFILE_VAR = "CASCADE_RT_PROFILE"  # =1: label op calls for torch.profiler (bench/profile_step.py)
 
 
 @dataclass(frozen=True)
@@ -91,12 +92,29 @@ def resolve(op: str, backend: str | None = None, **facts: Any) -> Impl:
     per (op, backend, facts, environment), so the sampling loop pays one dict lookup per op call,
     not a walk over the backends' predicates.
     """
-    env = (os.environ.get(ENV_VAR, "").strip(), os.environ.get("TRITON_INTERPRET", ""))
+    env = tuple(os.environ.get(v, "").strip() for v in (ENV_VAR, "TRITON_INTERPRET", PROFILE_VAR))
     key = (op, backend, env, tuple(sorted(facts.items(), key=lambda kv: kv[0])))
     impl = _RESOLVED.get(key)
     if impl is None:
-        impl = _RESOLVED[key] = _resolve(op, backend, facts)
+        impl = _resolve(op, backend, facts)
+        if env[2] == "1":
+            impl = _labelled(op, impl)
+        _RESOLVED[key] = impl
     return impl
+
+
+def _labelled(op: str, impl: Impl) -> Impl:
+    """The same backend, its calls named `cascade_rt::<op>[<backend>]` in torch.profiler traces
+    (native and Triton launches are otherwise invisible there)."""
+    import torch
+
+    label = f"cascade_rt::{op}[{impl.backend}]"
+
+    def fn(*args: Any, **kwargs: Any) -> Any:
+        with torch.profiler.record_function(label):
+            return impl.fn(*args, **kwargs)
+
+    return Impl(impl.backend, fn, impl.supports)
 
 
 def _interpreter_only(name: str, device: Any, backend: str | None) -> bool:
