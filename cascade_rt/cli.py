@@ -22,6 +22,10 @@ def _save_atomically(image, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format=fmt)
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

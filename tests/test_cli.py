@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,9 @@ def test_generate_random_weights_writes_png(tmp_path: Path, capsys) -> None:
     with Image.open(out) as img:
         assert img.size == (256, 128) and img.mode == "RGB"
     assert [p.name for p in out.parent.iterdir()] == ["img.png"]  # no temp files left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_num_images_get_numbered_files(tmp_path: Path) -> None:
