@@ -131,6 +131,7 @@ def grn_gelu_triton(
     hw = height * width
     tiles = partial.shape[1]
     c_blocks = triton.cdiv(c, _BLOCK_C)
+    # enable_fp_fusion is explicit: Triton 3.9 warns when it is left to its default.
     _grn_gelu_stats_kernel[(tiles, c_blocks, b)](
         h,
         h if beta is not None else out,
@@ -141,9 +142,14 @@ def grn_gelu_triton(
         STORE_G=beta is None,
         BLOCK_P=_BLOCK_P,
         BLOCK_C=_BLOCK_C,
+        enable_fp_fusion=True,
     )
-    _grn_gelu_colsum_kernel[(c_blocks, b)](partial, scale, tiles, c, BLOCK_C=_BLOCK_C)
-    _grn_gelu_scale_kernel[(b,)](gamma, scale, c, BLOCK=_SCALE_BLOCK)
+    _grn_gelu_colsum_kernel[(c_blocks, b)](
+        partial, scale, tiles, c, BLOCK_C=_BLOCK_C, enable_fp_fusion=True
+    )
+    _grn_gelu_scale_kernel[(b,)](gamma, scale, c, BLOCK=_SCALE_BLOCK, enable_fp_fusion=True)
     if beta is not None:
         grid = (triton.cdiv(hw, _BLOCK_P), c_blocks, b)
-        _grn_gelu_apply_kernel[grid](h, beta, scale, out, hw, c, BLOCK_P=_BLOCK_P, BLOCK_C=_BLOCK_C)
+        _grn_gelu_apply_kernel[grid](
+            h, beta, scale, out, hw, c, BLOCK_P=_BLOCK_P, BLOCK_C=_BLOCK_C, enable_fp_fusion=True
+        )

@@ -165,8 +165,13 @@ def groupnorm_silu_triton(
         block_j = min(triton.next_power_of_2(cg), max(1, _TILE_ELEMS // block_p))
     grid = (tiles, num_groups, b)
     sizes = (hw, c, cg, tile_pixels, *strides)
-    _groupnorm_silu_stats_kernel[grid](x, partial, *sizes, BLOCK_J=block_j, BLOCK_P=block_p)
-    _groupnorm_silu_finalize_kernel[(b * num_groups,)](partial, stats, tiles, eps, BLOCK_T=_BLOCK_T)
+    # enable_fp_fusion is explicit: Triton 3.9 warns when it is left to its default.
+    _groupnorm_silu_stats_kernel[grid](
+        x, partial, *sizes, BLOCK_J=block_j, BLOCK_P=block_p, enable_fp_fusion=True
+    )
+    _groupnorm_silu_finalize_kernel[(b * num_groups,)](
+        partial, stats, tiles, eps, BLOCK_T=_BLOCK_T, enable_fp_fusion=True
+    )
     _groupnorm_silu_apply_kernel[grid](
-        x, weight, bias, stats, out, *sizes, BLOCK_J=block_j, BLOCK_P=block_p
+        x, weight, bias, stats, out, *sizes, BLOCK_J=block_j, BLOCK_P=block_p, enable_fp_fusion=True
     )

@@ -87,6 +87,7 @@ def layernorm2d_triton(
     block_c = triton.next_power_of_2(c)
     block_r = max(1, _TILE // block_c)
     grid = (triton.cdiv(rows, block_r),)
+    # enable_fp_fusion is explicit: Triton 3.9 warns when it is left to its default.
     _layernorm2d_kernel[grid](
         x,
         x if residual is None else residual,
@@ -108,4 +109,5 @@ def layernorm2d_triton(
         BLOCK_R=block_r,
         BLOCK_C=block_c,
         num_warps=max(4, min(16, block_c * block_r // 1024)),
+        enable_fp_fusion=True,
     )
