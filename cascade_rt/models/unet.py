@@ -65,6 +65,20 @@ class UNetConditions:
     latent_hw: tuple[int, int]  # (H, W) of the sample these were prepared for
 
 
+def _next_attention(blocks: nn.ModuleList, k: int) -> bool:
+    """Whether blocks[k] is directly followed by an AttnBlock, or by a TimestepBlock and then an
+    AttnBlock (the shapes the fused attention norm absorbs)."""
+    rest = list(blocks[k + 1 : k + 3])
+    if rest and isinstance(rest[0], AttnBlock):
+        return not isinstance(blocks[k], AttnBlock)
+    return (
+        isinstance(blocks[k], ResBlock)
+        and len(rest) == 2
+        and isinstance(rest[0], TimestepBlock)
+        and isinstance(rest[1], AttnBlock)
+    )
+
+
 class StableCascadeUNet(nn.Module):
     """Stage C / Stage B UNet. Build on the meta device, then load weights (no init here)."""
 
@@ -356,20 +370,29 @@ class StableCascadeUNet(nn.Module):
         kv: tuple[tuple[torch.Tensor, torch.Tensor], ...],
         skip: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One pass over a level's blocks; `skip` enters the first ResBlock. A TimestepBlock
-        followed by an AttnBlock hands its modulation to the attention norm (one fused pass)."""
-        pending = None
+        """One pass over a level's blocks; `skip` enters the first ResBlock.
+
+        Where an AttnBlock follows, the blocks before it hand their last elementwise step to its
+        LayerNorm instead of making their own pass over the activations: a ResBlock its residual
+        add, a TimestepBlock its modulation (one fused `layernorm2d` for C-T-A).
+        """
+        modulation = residual = None
         for k, block in enumerate(blocks):
+            feeds_attention = _next_attention(blocks, k)
             if isinstance(block, ResBlock):
-                x = block(x, skip if k == 0 else None)
+                block_skip = skip if k == 0 else None
+                if feeds_attention:
+                    residual, x = x, block.branch(x, block_skip)
+                else:
+                    x = block(x, block_skip)
             elif isinstance(block, TimestepBlock):
-                if k + 1 < len(blocks) and isinstance(blocks[k + 1], AttnBlock):
-                    pending = block.modulation(r_embed)
+                if feeds_attention:
+                    modulation = block.modulation(r_embed)
                 else:
                     x = block(x, r_embed)
             else:
-                x = block(x, *kv[block.index], modulation=pending)
-                pending = None
+                x = block(x, *kv[block.index], modulation=modulation, residual=residual)
+                modulation = residual = None
         return x
 
     def _down(self, x: torch.Tensor, r_embed: torch.Tensor, kv) -> list[torch.Tensor]:

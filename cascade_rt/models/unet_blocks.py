@@ -123,14 +123,18 @@ class ResBlock(nn.Module):
             Linear(4 * c, c),
         )
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    def branch(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """The block without its residual add: MLP(cat(LN(depthwise(x)), skip)), [B, C, H, W]."""
         # x: [B, C, H, W]; skip: [B, C_skip, H, W] or None (both channels-last)
         h = nhwc(self.norm(self.depthwise(x)))  # [B, H, W, C]
         if skip is not None:
             h = torch.cat([h, nhwc(skip)], dim=-1)  # [B, H, W, C + C_skip]
-        h = self.channelwise(h)  # [B, H, W, C], a fresh tensor
-        h += nhwc(x)
-        return nchw(h)
+        return nchw(self.channelwise(h))  # a fresh channels-last tensor
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.branch(x, skip)
+        h += x
+        return h
 
 
 class TimestepBlock(nn.Module):
@@ -207,16 +211,20 @@ class AttnBlock(nn.Module):
         cond_k: torch.Tensor,
         cond_v: torch.Tensor,
         modulation: tuple[torch.Tensor, torch.Tensor] | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # x: [B, C, H, W]; cond_k, cond_v: [B, Nc, nhead, D]. `modulation` is the preceding
-        # TimestepBlock's (a, b) [B, C]: applied inside the norm's pass instead of its own.
+        # x: [B, C, H, W]; cond_k, cond_v: [B, Nc, nhead, D]. The preceding blocks' last steps
+        # can be handed in to run inside the norm's pass: `residual` (a ResBlock's input, when x
+        # is its branch output) is added first, then `modulation`, a TimestepBlock's (a, b).
         b, c, h, w = x.shape
         attn = self.attention.attn
-        if modulation is None:
+        if modulation is None and residual is None:
             stream = nhwc(x)  # [B, H, W, C]
             tokens = layernorm2d(stream)
         else:
-            tokens, stream = layernorm2d(nhwc(x), scale=modulation[0], shift=modulation[1])
+            a, b_ = modulation if modulation is not None else (None, None)
+            res = None if residual is None else nhwc(residual)
+            tokens, stream = layernorm2d(nhwc(x), residual=res, scale=a, shift=b_)
         tokens = tokens.view(b, h * w, c)  # row-major h*W+w token order
         heads = (self.nhead, c // self.nhead)
         if self.self_attn:
