@@ -1,9 +1,8 @@
 """Helpers shared by the norm-op tests (layernorm2d, grn_gelu, groupnorm_silu).
 
 Backends: every registered backend is a test parameter; one that cannot run here is skipped with
-the reason. Without CUDA the Triton kernels run in Triton's interpreter on CPU tensors; the
-`triton_interpreter` fixture sets TRITON_INTERPRET for the test only (the kernel modules are
-imported on first use, so the setting reaches them), and the interpreter gets small shapes only.
+the reason. Without CUDA the Triton kernels run in Triton's interpreter on CPU tensors
+(tests/conftest.py sets TRITON_INTERPRET), and the interpreter gets small shapes only.
 
 Tolerance: a backend's max error against a float64 oracle may be at most 2x PyTorch's own max
 error at the same precision, where PyTorch's own is the torch reference backend run on the same
@@ -47,12 +46,6 @@ CUDA_BACKENDS = [
     _param("torch", "cuda", HAS_CUDA, "no CUDA device"),
 ]
 ALL_BACKENDS = CPU_BACKENDS + CUDA_BACKENDS
-
-
-def use_interpreter_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    """For an autouse fixture of each test module: TRITON_INTERPRET=1 for the test only."""
-    if not HAS_CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def require(op: str, backend: str, x: torch.Tensor, **facts: object) -> None:

@@ -9,9 +9,8 @@ the fused kernels round P to the input dtype for the P·V product as GPU flash a
 bf16 with only a few keys that rounding is as large as the output's own, and the Triton error sits
 at 0.8-0.96 of this bound (the floor included; over 40 seeds of the small shapes).
 
-On a CPU-only machine the Triton kernel runs in Triton's interpreter on CPU tensors.
-TRITON_INTERPRET must be set before triton is first imported (triton.language's own jit helpers
-such as tl.zeros are compiled or interpreted at their import), so it is set here, at collection.
+On a CPU-only machine the Triton kernel runs in Triton's interpreter on CPU tensors
+(tests/conftest.py sets TRITON_INTERPRET before triton is first imported).
 """
 
 from __future__ import annotations
@@ -22,9 +21,6 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from cascade_rt import _ext
 from cascade_rt.ops import attention

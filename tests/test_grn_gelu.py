@@ -16,7 +16,6 @@ from op_checks import (
     poisoned,
     randn,
     require,
-    use_interpreter_without_cuda,
 )
 
 from cascade_rt.ops.grn_gelu import fold_grn_bias, grn_folded_linear, grn_gelu, grn_gelu_folded
@@ -37,11 +36,6 @@ SHAPES = {
     "stage_b_32": (1, 32, 32, 5120),
     "stage_b_16": (1, 16, 16, 5120),
 }
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    use_interpreter_without_cuda(monkeypatch)
 
 
 def _oracle(h, gamma, beta):

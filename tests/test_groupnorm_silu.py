@@ -16,7 +16,6 @@ from op_checks import (
     poisoned,
     randn,
     require,
-    use_interpreter_without_cuda,
 )
 
 from cascade_rt.ops.groupnorm_silu import groupnorm_silu
@@ -40,11 +39,6 @@ SHAPES = {
     "sd_320_128": ((1, 320, 128, 128), 32),
 }
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    use_interpreter_without_cuda(monkeypatch)
 
 
 def _oracle(x, groups, weight, bias):

@@ -14,7 +14,6 @@ from op_checks import (
     poisoned,
     randn,
     require,
-    use_interpreter_without_cuda,
 )
 
 from cascade_rt.ops import layernorm2d
@@ -45,11 +44,6 @@ SHAPES = {
 # The fused forms on an odd shape, a multi-block row and a Stage B level.
 FUSED_SHAPES = {k: SHAPES[k] for k in ("C3_odd_hw", "C33", "C1000", "C4100", "stage_b_16")}
 VARIANTS = ("residual", "modulate", "modulate_row", "residual_modulate", "post")
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    use_interpreter_without_cuda(monkeypatch)
 
 
 def _oracle(x, residual=None, scale=None, shift=None, post_scale=None, post_shift=None):

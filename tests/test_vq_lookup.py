@@ -1,9 +1,7 @@
 """vq_lookup on every available backend against a float64 reference.
 
-Without CUDA the Triton kernel runs in Triton's interpreter on CPU tensors. The kernel module
-picks compiled or interpreted when it is imported, and cascade_rt imports it on first use, so an
-autouse fixture sets TRITON_INTERPRET=1 for the Triton-on-CPU tests alone: set for the whole
-session it would route every CPU vq_lookup (other tests, Stage A) through the interpreter.
+Without CUDA the Triton kernel runs in Triton's interpreter on CPU tensors (tests/conftest.py
+sets TRITON_INTERPRET; the models never pick the interpreter on their own, see the registry).
 """
 
 from __future__ import annotations
@@ -37,14 +35,6 @@ BACKENDS = [
     _backend_param("triton", "cuda" if HAS_CUDA else "cpu", HAS_TRITON, "triton missing"),
     _backend_param("cuda", "cuda", _ext.has_cuda() and HAS_CUDA, "no CUDA device or no CUDA build"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _triton_interpreter_on_cpu(request, monkeypatch):
-    callspec = getattr(request.node, "callspec", None)
-    params = callspec.params if callspec is not None else {}
-    if params.get("backend") == "triton" and params.get("device") == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 # Named shapes (N, K, D): edges first, then Stage A's D = 4, K = 8192 at a small N.
