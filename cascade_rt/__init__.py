@@ -1,8 +1,8 @@
 """cascade_rt: fast, lean inference for the Stable Cascade text-to-image cascade.
 
-    from cascade_rt import Cascade
-    pipe = Cascade.from_pretrained("path/to/checkpoints")
-    image = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0)).images[0]
+from cascade_rt import Cascade
+pipe = Cascade.from_pretrained("path/to/checkpoints")
+image = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0)).images[0]
 """
 
 from __future__ import annotations
