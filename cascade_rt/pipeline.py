@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -315,20 +316,19 @@ class Cascade:
             negatives = None
 
         timings: dict[str, float] = {}
-        clock = _StageClock(self.device, timings)
-        with clock("text_encoder"):
+        with _stage_time("text_encoder", self.device, timings):
             emb = self.encode_prompt(prompts, negatives, num_images_per_prompt)
-        with clock("prior"):
+        with _stage_time("prior", self.device, timings):
             image_embeddings = self._run_prior(
                 emb, prior_shape, prior_steps, prior_g, generator, latents, prior_guided
             )
-        with clock("decoder"):
+        with _stage_time("decoder", self.device, timings):
             stage_b = self._run_decoder(
                 emb, image_embeddings, sizes.stage_b, steps, dec_g, generator, decoder_guided
             )
         if output_type == "latent":
             return CascadeOutput(stage_b, timings)
-        with clock("vqgan"):
+        with _stage_time("vqgan", self.device, timings):
             images = self.vqgan.decode(stage_b * self.vqgan_scale_factor).clamp(0, 1)
         timings["total"] = sum(timings.values())
         return CascadeOutput(_convert(images, output_type), timings)
@@ -424,28 +424,16 @@ class Cascade:
         self.progress = not disable
 
 
-class _StageClock:
-    """Wall time per stage in ms; synchronises CUDA at stage boundaries only."""
-
-    def __init__(self, device: torch.device, sink: dict[str, float]) -> None:
-        self.device = device
-        self.sink = sink
-
-    def __call__(self, name: str) -> _StageClock:
-        self.name = name
-        return self
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def __enter__(self) -> None:
-        self._sync()
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self._sync()
-        self.sink[self.name] = (time.perf_counter() - self.start) * 1e3
+@contextmanager
+def _stage_time(name: str, device: torch.device, sink: dict[str, float]) -> Iterator[None]:
+    """Wall time of a stage in ms into sink[name]; synchronises CUDA at its boundaries only."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    sink[name] = (time.perf_counter() - start) * 1e3
 
 
 def _convert(images: torch.Tensor, output_type: str):

@@ -1,4 +1,4 @@
-"""Helpers shared by the norm-op tests (layernorm2d, grn_gelu, groupnorm_silu).
+"""Helpers shared by the op tests (norm ops fully; attention and vq_lookup use `capture`).
 
 Backends: every registered backend is a test parameter; one that cannot run here is skipped with
 the reason. Without CUDA the Triton kernels run in Triton's interpreter on CPU tensors
@@ -95,3 +95,17 @@ def assert_2x(
 def randn(shape, dtype, device, seed: int, scale: float = 1.0, offset: float = 0.0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=g) * scale + offset).to(dtype).to(device)
+
+
+def capture(step) -> torch.cuda.CUDAGraph:
+    """Runs `step` once on a side stream (Triton compiles, kernels load, nothing of that lands in
+    the graph), then captures it; the caller replays and compares with eager."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph

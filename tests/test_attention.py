@@ -21,6 +21,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from op_checks import capture
 
 from cascade_rt import _ext
 from cascade_rt.ops import attention
@@ -253,14 +254,7 @@ def test_gpu_cuda_graph(backend):
     shape = SHAPES["stage_b_16x16"]
     static = _make(shape, torch.bfloat16, device="cuda", fused=True)
     out = torch.empty_like(static[0])
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture: compile, load, pick the kernel
-        attention(*static, out=out, backend=backend)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        attention(*static, out=out, backend=backend)
+    graph = capture(lambda: attention(*static, out=out, backend=backend))
     fresh = _make(shape, torch.bfloat16, device="cuda", fused=True, seed=1)
     for dst, src in zip(static, fresh, strict=True):
         if dst is not None:

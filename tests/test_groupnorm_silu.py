@@ -13,6 +13,7 @@ from op_checks import (
     DTYPES,
     GPU,
     assert_2x,
+    capture,
     poisoned,
     randn,
     require,
@@ -160,15 +161,8 @@ def test_cuda_graph_replay_equals_eager(backend, device, layout):
     def step():
         groupnorm_silu(x, 32, weight, bias, out=out, backend=backend)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles here
-        step()
-    torch.cuda.current_stream().wait_stream(side)
+    graph = capture(step)
     eager = out.clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
     out.zero_()
     graph.replay()
     torch.cuda.synchronize()

@@ -11,6 +11,7 @@ from op_checks import (
     DTYPES,
     GPU,
     assert_2x,
+    capture,
     poisoned,
     randn,
     require,
@@ -207,15 +208,8 @@ def test_cuda_graph_replay_equals_eager(backend, device):
     def step():
         layernorm2d(x, residual=r, scale=scale, shift=shift, out=out, pre_out=pre, backend=backend)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles here
-        step()
-    torch.cuda.current_stream().wait_stream(side)
+    graph = capture(step)
     eager_out, eager_pre = out.clone(), pre.clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
     out.zero_()
     pre.zero_()
     graph.replay()

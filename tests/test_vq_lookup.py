@@ -10,6 +10,7 @@ import importlib.util
 
 import pytest
 import torch
+from op_checks import capture
 
 from cascade_rt import _ext
 from cascade_rt.ops import vq_lookup
@@ -211,15 +212,7 @@ def test_cuda_graph_replay_equals_eager(backend):
     eager = vq_lookup(x, codebook, backend=backend)
     indices = torch.full_like(eager[0], -1)
     quantized = torch.full_like(eager[1], float("nan"))
-    # Warm-up on a side stream keeps Triton's compile and the launch setup out of the capture.
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        vq_lookup(x, codebook, out=(indices, quantized), backend=backend)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        vq_lookup(x, codebook, out=(indices, quantized), backend=backend)
+    graph = capture(lambda: vq_lookup(x, codebook, out=(indices, quantized), backend=backend))
     indices.fill_(-1)
     quantized.fill_(float("nan"))
     x_new = torch.randn(65536, 4, generator=g).bfloat16().cuda()
