@@ -22,12 +22,22 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from cascade_rt.loops import (
+    LoopKey,
+    SamplingLoop,
+    decode_program,
+    draw_loop_noise,
+    loop_program,
+    text_program,
+)
 from cascade_rt.resolution import latent_sizes
-from cascade_rt.sampling import Sampler, draw_noise, make_sampler
+from cascade_rt.runner import CacheInfo, ProgramCache
+from cascade_rt.sampling import GeneratorArg, Sampler, make_sampler
 
 logger = logging.getLogger("cascade_rt")
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+STAGE_NAMES = {"prior": "Stage C", "decoder": "Stage B"}
 RECIPES = ("diffusers", "stability")
 # Call defaults per recipe: diffusers' StableCascadeCombinedPipeline, and the official notebooks.
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -56,6 +66,10 @@ class CascadeOutput:
 
     images: list[Image.Image] | np.ndarray | torch.Tensor
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class NonFiniteError(FloatingPointError):
+    """A stage produced NaN or inf; raised after that stage, naming it."""
 
 
 @dataclass
@@ -104,6 +118,8 @@ class Cascade:
         decoder_scheduler_config: dict | None = None,
         recipe: str = "diffusers",
         random_weights: bool = False,
+        graphs: bool | None = None,
+        graph_cache_size: int = 16,
     ) -> None:
         if recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
@@ -121,6 +137,10 @@ class Cascade:
         self.device: torch.device = weight.device
         self.dtype: torch.dtype = weight.dtype
         self.progress = True
+        # Text encoding, each sampling loop and the Stage A decode run as cached programs over
+        # static buffers: CUDA graphs on CUDA (graphs=None), eager elsewhere.
+        self.programs = ProgramCache(self.device, graphs=graphs, capacity=graph_cache_size)
+        self.graphs = self.programs.graphs
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -136,13 +156,17 @@ class Cascade:
         decoder_lite: bool = False,
         recipe: str = "diffusers",
         vqgan_scale_factor: float | None = None,
+        graphs: bool | None = None,
+        graph_cache_size: int = 16,
     ) -> Cascade:
         """Loads a cascade from any supported layout (see cascade_rt/weights/layout.py).
 
         `path` holds the prior (and usually everything else); `decoder_path` is where Stage B and
         Stage A live when they are elsewhere (the two diffusers hub repos). device defaults to CUDA
         when present, dtype to bfloat16 on CUDA and float32 on CPU. `vqgan_scale_factor` overrides
-        the checkpoint's latent scale (diffusers 0.3764, official Stage A 0.43).
+        the checkpoint's latent scale (diffusers 0.3764, official Stage A 0.43). `graphs`
+        (default: on for CUDA) runs every stage as a replayed CUDA graph; `graph_cache_size`
+        bounds how many (shape, steps, guidance) variants stay captured.
         """
         from cascade_rt.loading import load_cascade_components
 
@@ -157,7 +181,7 @@ class Cascade:
         )
         if vqgan_scale_factor is not None:
             parts["vqgan_scale_factor"] = vqgan_scale_factor
-        return cls(**parts, recipe=recipe)
+        return cls(**parts, recipe=recipe, graphs=graphs, graph_cache_size=graph_cache_size)
 
     @classmethod
     def from_random_weights(
@@ -168,6 +192,8 @@ class Cascade:
         dtype: torch.dtype | str | None = None,
         seed: int = 0,
         recipe: str = "diffusers",
+        graphs: bool | None = None,
+        graph_cache_size: int = 16,
     ) -> Cascade:
         """A built-in cascade with random weights: "tiny" (small, runs anywhere), or "lite" /
         "big" (the released architectures, for benchmarks). It runs the whole path; its
@@ -186,6 +212,8 @@ class Cascade:
             vqgan_scale_factor=parts["vqgan"].config.scale_factor,
             recipe=recipe,
             random_weights=True,
+            graphs=graphs,
+            graph_cache_size=graph_cache_size,
         )
 
     # ------------------------------------------------------------------ stages
@@ -208,51 +236,75 @@ class Cascade:
                     cut,
                     text,
                 )
-        ids = tokens.input_ids.to(self.device)
-        mask = tokens.attention_mask.to(self.device)
-        hidden, pooled = self.text_encoder(ids, mask)  # [M, 77, C], [M, P]
-        pooled = pooled.unsqueeze(1)  # [M, 1, P]
-        hidden = hidden.repeat_interleave(num_images_per_prompt, dim=0)
-        pooled = pooled.repeat_interleave(num_images_per_prompt, dim=0)
+        shape = tuple(tokens.input_ids.shape)
+        program = self.programs.get(
+            ("text_encoder", shape),
+            lambda: text_program(
+                self.text_encoder, shape, self.device, graph=self.graphs, pool=self.programs.pool
+            ),
+        )
+        out = program.run({"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask})
+        hidden = out["hidden"].repeat_interleave(num_images_per_prompt, dim=0)  # [N, 77, C]
+        pooled = out["pooled"].unsqueeze(1).repeat_interleave(num_images_per_prompt, dim=0)
         n = len(prompt) * num_images_per_prompt
         if negative_prompt is None:
             return PromptEmbeds(hidden, pooled, None, None)
         return PromptEmbeds(hidden[:n], pooled[:n], hidden[n:], pooled[n:])
 
-    def _denoise(
+    def _sample(
         self,
+        stage: str,
         model: torch.nn.Module,
         sampler: Sampler,
-        x: torch.Tensor | None,
         shape: tuple[int, ...],
         steps: int,
         guidance_scale: float,
         cond: dict[str, torch.Tensor],
-        generator: torch.Generator | list[torch.Generator] | None,
-        desc: str,
+        generator: GeneratorArg,
+        latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One stage's sampling loop from `x` (or fresh noise of `shape` when None), returning the
-        recipe's result. `cond` tensors already hold [cond; uncond] rows when guidance is on."""
+        """One stage's sampling loop as a program run: the noise is drawn first, in the eager
+        order, then the loop runs (or its graph replays) with no host work between steps. `cond`
+        tensors already hold [cond; uncond] rows when guidance is on."""
         guided = sampler.guidance_enabled(guidance_scale)
-        plan = sampler.plan(steps, self.device, self.dtype)
-        if x is None:
-            x = sampler.initial_noise(plan, shape, generator)
-        else:
-            x = x.to(device=self.device, dtype=plan.latent_dtype)
-        batch = x.shape[0]
-        for i in tqdm(range(plan.num_steps), desc=desc, disable=not self.progress, leave=False):
-            r = plan.model_r[i].expand(batch)  # [B] fp32
-            xm = x.to(self.dtype)  # the stability recipe keeps x in fp32
-            if guided:
-                eps_c, eps_u = model(
-                    sample=torch.cat([xm, xm]), timestep_ratio=torch.cat([r, r]), **cond
-                ).chunk(2)
-                eps = sampler.guide(eps_c, eps_u, guidance_scale)
-            else:
-                eps = model(sample=xm, timestep_ratio=r, **cond)
-            noise = draw_noise(x.shape, generator, self.device, x.dtype)
-            x = sampler.step(plan, i, x, eps, noise)
-        return x.to(self.dtype)
+        key = LoopKey(
+            stage,
+            shape,
+            steps,
+            guided,
+            sampler,
+            tuple((name, tuple(t.shape)) for name, t in cond.items()),
+            self.dtype,
+        )
+        program = self.programs.get(
+            key,
+            lambda: loop_program(
+                key, model, self.device, graph=self.graphs, pool=self.programs.pool
+            ),
+        )
+        loop: SamplingLoop = program.body
+        x, noise = draw_loop_noise(sampler, loop.plan, shape, generator, latents)
+        values = loop.values(x, noise, guidance_scale, cond)
+        desc = STAGE_NAMES[stage]
+        with tqdm(total=steps, desc=desc, disable=not self.progress, leave=False) as bar:
+            loop.on_step = None if self.graphs else bar.update
+            try:
+                out = program.run(values)
+            finally:
+                loop.on_step = None
+            if self.graphs:
+                bar.update(steps)
+        if not bool(out["finite"]):  # one sync per stage, outside the loop
+            raise NonFiniteError(
+                f"{STAGE_NAMES[stage]} produced a non-finite latent (NaN or inf) of shape "
+                f"{list(shape)} in {self.dtype}; "
+                + (
+                    "float16 overflows more easily: try bfloat16 or float32"
+                    if self.dtype == torch.float16
+                    else "check the weights and inputs"
+                )
+            )
+        return out["latent"]
 
     # ------------------------------------------------------------------ call
     @torch.inference_mode()
@@ -319,87 +371,69 @@ class Cascade:
         with _stage_time("text_encoder", self.device, timings):
             emb = self.encode_prompt(prompts, negatives, num_images_per_prompt)
         with _stage_time("prior", self.device, timings):
-            image_embeddings = self._run_prior(
-                emb, prior_shape, prior_steps, prior_g, generator, latents, prior_guided
+            image_embeddings = self._sample(
+                "prior",
+                self.prior,
+                self.prior_sampler,
+                prior_shape,
+                prior_steps,
+                prior_g,
+                self._prior_cond(emb, n, prior_guided),
+                generator,
+                latents,
             )
         with _stage_time("decoder", self.device, timings):
-            stage_b = self._run_decoder(
-                emb, image_embeddings, sizes.stage_b, steps, dec_g, generator, decoder_guided
+            stage_b = self._sample(
+                "decoder",
+                self.decoder,
+                self.decoder_sampler,
+                (n, self.decoder.config.in_channels, *sizes.stage_b),
+                steps,
+                dec_g,
+                self._decoder_cond(emb, image_embeddings, decoder_guided),
+                generator,
             )
         if output_type == "latent":
-            return CascadeOutput(stage_b, timings)
+            return CascadeOutput(stage_b.clone() if self.graphs else stage_b, timings)
         with _stage_time("vqgan", self.device, timings):
-            images = self.vqgan.decode(stage_b * self.vqgan_scale_factor).clamp(0, 1)
+            shape = tuple(stage_b.shape)
+            program = self.programs.get(
+                ("vqgan", shape, self.dtype),
+                lambda: decode_program(
+                    self.vqgan,
+                    self.vqgan_scale_factor,
+                    shape,
+                    self.dtype,
+                    self.device,
+                    graph=self.graphs,
+                    pool=self.programs.pool,
+                ),
+            )
+            images = program.run({"latents": stage_b})["images"]  # static under graphs
+            result = _convert(images.clone() if output_type == "pt" else images, output_type)
         timings["total"] = sum(timings.values())
-        return CascadeOutput(_convert(images, output_type), timings)
+        return CascadeOutput(result, timings)
 
-    def _run_prior(
-        self,
-        emb: PromptEmbeds,
-        shape: tuple[int, ...],
-        steps: int,
-        guidance: float,
-        generator,
-        latents: torch.Tensor | None,
-        guided: bool,
-    ) -> torch.Tensor:
-        clip_img = torch.zeros(
-            shape[0],
-            1,
-            self.prior.config.clip_image_in_channels,
-            device=self.device,
-            dtype=self.dtype,
-        )  # text-to-image: no image
-        if guided:
-            cond = {
-                "clip_text": torch.cat([emb.text, emb.uncond_text]),
-                "clip_text_pooled": torch.cat([emb.pooled, emb.uncond_pooled]),
-                "clip_img": torch.cat([clip_img, clip_img]),
-            }
-        else:
-            cond = {"clip_text": emb.text, "clip_text_pooled": emb.pooled, "clip_img": clip_img}
-        return self._denoise(
-            self.prior,
-            self.prior_sampler,
-            latents,
-            shape,
-            steps,
-            guidance,
-            cond,
-            generator,
-            "Stage C",
-        )
+    def _prior_cond(self, emb: PromptEmbeds, n: int, guided: bool) -> dict[str, torch.Tensor]:
+        c_img = self.prior.config.clip_image_in_channels
+        clip_img = torch.zeros(n, 1, c_img, device=self.device, dtype=self.dtype)  # no image
+        if not guided:
+            return {"clip_text_pooled": emb.pooled, "clip_text": emb.text, "clip_img": clip_img}
+        return {
+            "clip_text_pooled": torch.cat([emb.pooled, emb.uncond_pooled]),
+            "clip_text": torch.cat([emb.text, emb.uncond_text]),
+            "clip_img": torch.cat([clip_img, clip_img]),
+        }
 
-    def _run_decoder(
-        self,
-        emb: PromptEmbeds,
-        image_embeddings: torch.Tensor,
-        size: tuple[int, int],
-        steps: int,
-        guidance: float,
-        generator,
-        guided: bool,
-    ) -> torch.Tensor:
-        n = image_embeddings.shape[0]
-        shape = (n, self.decoder.config.in_channels, *size)
-        if guided:
-            cond = {
-                "clip_text_pooled": torch.cat([emb.pooled, emb.uncond_pooled]),
-                "effnet": torch.cat([image_embeddings, torch.zeros_like(image_embeddings)]),
-            }
-        else:
-            cond = {"clip_text_pooled": emb.pooled, "effnet": image_embeddings}
-        return self._denoise(
-            self.decoder,
-            self.decoder_sampler,
-            None,
-            shape,
-            steps,
-            guidance,
-            cond,
-            generator,
-            "Stage B",
-        )
+    def _decoder_cond(
+        self, emb: PromptEmbeds, image_embeddings: torch.Tensor, guided: bool
+    ) -> dict[str, torch.Tensor]:
+        if not guided:
+            return {"clip_text_pooled": emb.pooled, "effnet": image_embeddings}
+        return {
+            "clip_text_pooled": torch.cat([emb.pooled, emb.uncond_pooled]),
+            "effnet": torch.cat([image_embeddings, torch.zeros_like(image_embeddings)]),
+        }
 
     def _check_generator(self, generator, batch: int) -> None:
         gens = generator if isinstance(generator, list) else [generator]
@@ -418,6 +452,22 @@ class Cascade:
                     f"a {g.device.type} generator cannot draw noise for a {self.device} pipeline; "
                     "use a CPU generator or one on the pipeline's device"
                 )
+
+    def warmup(self, prompt_count: int = 1, **call_kwargs: Any) -> CascadeOutput:
+        """Captures (on CUDA) every program a call with these arguments needs, ahead of time, by
+        running one throwaway generation: for products that cannot pay a first-call capture.
+
+        `prompt_count` and `call_kwargs` (height, width, steps, guidance scales,
+        num_images_per_prompt, negative_prompt, ...) must match the later calls' shapes; guidance
+        scales only need to agree on guided or not, and seeds do not matter.
+        """
+        _check_number("prompt_count", prompt_count, integer=True, minimum=1)
+        call_kwargs.setdefault("output_type", "latent")
+        return self([""] * prompt_count, **call_kwargs)
+
+    def graph_cache_info(self) -> CacheInfo:
+        """Entries, bytes held (static buffers and capture growth), hits, misses, evictions."""
+        return self.programs.info()
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         """Turns the per-stage progress bars off or on (diffusers' method name)."""

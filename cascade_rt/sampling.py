@@ -110,9 +110,10 @@ class Sampler(ABC):
 
     @abstractmethod
     def guide(
-        self, eps_c: torch.Tensor, eps_u: torch.Tensor, guidance_scale: float
+        self, eps_c: torch.Tensor, eps_u: torch.Tensor, guidance_scale: float | torch.Tensor
     ) -> torch.Tensor:
-        """Classifier-free guidance from the conditional and unconditional halves, [B, ...] each."""
+        """Classifier-free guidance from the conditional and unconditional halves, [B, ...] each.
+        The scale may be a 0-dim fp32 tensor on eps's device (a static buffer of a graph)."""
 
     @abstractmethod
     def initial_noise(
@@ -203,9 +204,11 @@ class DDPMWuerstchen(Sampler):
         return guidance_scale > 1
 
     def guide(
-        self, eps_c: torch.Tensor, eps_u: torch.Tensor, guidance_scale: float
+        self, eps_c: torch.Tensor, eps_u: torch.Tensor, guidance_scale: float | torch.Tensor
     ) -> torch.Tensor:
-        return torch.lerp(eps_u, eps_c, guidance_scale)
+        # In fp32, rounded once to eps's dtype: bit-identical to diffusers' lerp with a Python
+        # scale (whose kernel also computes in fp32), and the scale may be a static fp32 tensor.
+        return torch.lerp(eps_u.float(), eps_c.float(), guidance_scale).to(eps_c.dtype)
 
     def initial_noise(
         self, plan: SamplingPlan, shape: Sequence[int], generator: GeneratorArg
@@ -283,7 +286,7 @@ class StabilityGDF(Sampler):
         return guidance_scale != 1
 
     def guide(
-        self, eps_c: torch.Tensor, eps_u: torch.Tensor, guidance_scale: float
+        self, eps_c: torch.Tensor, eps_u: torch.Tensor, guidance_scale: float | torch.Tensor
     ) -> torch.Tensor:
         """lerp, then CFG-rescale toward eps_c's std (one std over the whole batch tensor). fp32."""
         eps_c, eps_u = eps_c.float(), eps_u.float()
