@@ -8,11 +8,13 @@ which checks every key, shape and dtype before it allocates anything.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cascade_rt.models.fp16_rescale import rescale_for_fp16
 from cascade_rt.models.stage_a import StageA, StageAConfig
 from cascade_rt.models.text_encoder import CLIPTextConfig, CLIPTextEncoder
 from cascade_rt.models.tokenizer import CLIPTokenizer
@@ -20,6 +22,7 @@ from cascade_rt.models.unet import StableCascadeUNet, UNetConfig
 from cascade_rt.weights import CheckpointError, Source, load_module, locate
 
 OFFICIAL_STAGE_A_SCALE = 0.43
+logger = logging.getLogger("cascade_rt")
 
 
 def _shapes(source: Source) -> dict[str, tuple[int, ...]]:
@@ -95,6 +98,8 @@ def load_cascade_components(
     for name, module in modules.items():
         load_module(module, sources[name], device=device, dtype=dtype)
         module.eval()
+    if dtype == torch.float16:  # the big Stage C's stream overflows fp16 without it
+        logger.info("prior: %s", rescale_for_fp16(modules["prior"]).summary())
     return {
         "tokenizer": CLIPTokenizer.from_folder(tok_src.folder),
         **modules,

@@ -9,11 +9,14 @@ clamp hides nothing. Pictures from these weights are noise.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 
 import torch
 from torch import nn
+
+logger = logging.getLogger("cascade_rt")
 
 # Diffusers-style configs of the tiny cascade. Head dim stays 64 as in every released model.
 TINY_TEXT_HIDDEN = 64
@@ -183,6 +186,7 @@ def build_random_models(
     1B / 3.6B, Stage B 0.7B / 1.5B, ViT-bigG text encoder, Stage A) for benchmarking without
     checkpoints. All use the tiny CLIP vocabulary written into `tokenizer_dir`.
     """
+    from cascade_rt.models.fp16_rescale import rescale_for_fp16
     from cascade_rt.models.stage_a import STAGE_A, StageA, StageAConfig
     from cascade_rt.models.text_encoder import BIGG, CLIPTextConfig, CLIPTextEncoder
     from cascade_rt.models.tokenizer import CLIPTokenizer, write_tiny_clip_vocab
@@ -223,10 +227,13 @@ def build_random_models(
         prior = StableCascadeUNet(configs[0])
         decoder = StableCascadeUNet(configs[1])
         vqgan = StageA(configs[2])
+    prior = _materialize(prior, seed + 1, device, dtype)
+    if dtype == torch.float16:  # as cascade_rt.loading does for checkpoints
+        logger.info("prior: %s", rescale_for_fp16(prior).summary())
     return {
         "tokenizer": tokenizer,
         "text_encoder": _materialize(text_encoder, seed, device, dtype),
-        "prior": _materialize(prior, seed + 1, device, dtype),
+        "prior": prior,
         "decoder": _materialize(decoder, seed + 2, device, dtype),
         "vqgan": _materialize(vqgan, seed + 3, device, dtype),
     }

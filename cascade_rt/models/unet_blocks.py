@@ -85,10 +85,21 @@ class Conv1x1(Conv2d):
 
 
 class LayerNorm2d(nn.Module):
-    """LayerNorm over channels, no affine, eps 1e-6 (parameter-free)."""
+    """LayerNorm over channels, no affine (parameter-free).
+
+    `eps` is 1e-6 as in the checkpoints; cascade_rt.models.fp16_rescale sets eps * s^2 on the
+    norms that read a residual stream it scaled by s, so that LN(s * x) equals LN(x) exactly.
+    """
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nchw(layernorm2d(nhwc(x)))  # [B, C, H, W] channels-last
+        return nchw(layernorm2d(nhwc(x), eps=self.eps))  # [B, C, H, W] channels-last
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps:g}"
 
 
 class GeluGlobalResponseNorm(nn.Module):
@@ -220,11 +231,13 @@ class AttnBlock(nn.Module):
         attn = self.attention.attn
         if modulation is None and residual is None:
             stream = nhwc(x)  # [B, H, W, C]
-            tokens = layernorm2d(stream)
+            tokens = layernorm2d(stream, eps=self.norm.eps)
         else:
             a, b_ = modulation if modulation is not None else (None, None)
             res = None if residual is None else nhwc(residual)
-            tokens, stream = layernorm2d(nhwc(x), residual=res, scale=a, shift=b_)
+            tokens, stream = layernorm2d(
+                nhwc(x), residual=res, scale=a, shift=b_, eps=self.norm.eps
+            )
         tokens = tokens.view(b, h * w, c)  # row-major h*W+w token order
         heads = (self.nhead, c // self.nhead)
         if self.self_attn:
