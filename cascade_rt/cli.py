@@ -133,11 +133,18 @@ def _info(_: argparse.Namespace) -> int:
         print(
             f"extension cascade_rt._C: not loaded ({_ext.load_error()}); torch reference ops in use"
         )
-    print("live backends per op (bfloat16 / float32), in dispatch order:")
+    forced = registry.forced()
+    setting = f"{registry.ENV_VAR}={','.join(forced)}" if forced else f"{registry.ENV_VAR} unset"
+    print(f"backend each op runs on, per device ({setting}; 'live': all that can run, in order):")
     for op in registry.ops():
         for dev in devices:
             live = registry.live_backends(op, dev)
-            print(f"  {op:<16} {dev!s:<7} {', '.join(live) if live else '-'}")
+            picks = [registry.selected(op, dev, dt) for dt in (torch.bfloat16, torch.float32)]
+            (bf16, _), (fp32, _) = picks
+            runs = bf16 if bf16 == fp32 else f"{bf16} (bf16) / {fp32} (fp32)"
+            print(f"  {op:<16} {dev!s:<7} runs {runs:<12} live: {', '.join(live) or '-'}")
+            for reason in dict.fromkeys(r for _, r in picks if r is not None):
+                print(f"      note: {reason}")
     return 0
 
 

@@ -84,6 +84,39 @@ def test_large_mean_fp32(backend, device):
         _check(backend, xf, 4, weight, bias, f"large_mean/{layout}", fmt)
 
 
+def _large_offset_case(device):
+    """Channels-last fp32 x with odd sizes, mean ~1e3 against a spread of 2, and a bound on the
+    error against float64: 16 fp32 ulps of the offset, in units of the group's spread, times the
+    largest |weight| (fp32 rounding of x - mean is what a correct kernel cannot avoid)."""
+    x, weight, bias = _inputs((2, 33, 7, 5), torch.float32, device, seed=8)
+    offset, spread = 1000.0, 2.0
+    x = (x + offset).contiguous(memory_format=torch.channels_last)
+    tol = 16 * torch.finfo(torch.float32).eps * offset / spread * weight.abs().max().item()
+    return x, weight, bias, tol
+
+
+def test_reference_channels_last_large_offset():
+    """The oracle itself on channels-last data with a large mean. torch's CPU group_norm loses
+    precision there (0.05-0.15 max error at a 1e3 offset, torch 2.13), which the reference must
+    avoid (it normalises an NCHW copy): every backend test trusts it."""
+    x, weight, bias, tol = _large_offset_case(torch.device("cpu"))
+    out = poisoned(x.shape, x.dtype, x.device, memory_format=torch.channels_last)
+    groupnorm_silu_torch(x, weight, bias, out, 11, EPS)
+    err = (out.double() - _oracle(x, 11, weight, bias)).abs().max().item()
+    assert err <= tol, f"reference max error {err:.3g} > {tol:.3g} on channels-last, offset 1e3"
+
+
+@pytest.mark.parametrize(("backend", "device"), ALL_BACKENDS)
+def test_channels_last_large_offset_absolute(backend, device):
+    """Each backend against float64 with the absolute bound above (not relative to the oracle)."""
+    x, weight, bias, tol = _large_offset_case(torch.device(device))
+    require(OP, backend, x, channels=33)
+    out = groupnorm_silu(x, 11, weight, bias, eps=EPS, backend=backend)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    err = (out.double() - _oracle(x, 11, weight, bias)).abs().max().item()
+    assert err <= tol, f"{backend}: max error {err:.3g} > {tol:.3g} on channels-last, offset 1e3"
+
+
 @pytest.mark.parametrize(("backend", "device"), ALL_BACKENDS)
 def test_output_keeps_memory_format(backend, device):
     x, weight, bias = _inputs((2, 8, 5, 6), torch.bfloat16, device, seed=4)

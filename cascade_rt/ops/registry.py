@@ -2,13 +2,18 @@
 
 The order is cuda (CUDA C++ from the extension), triton, cpp (the extension's C++ CPU kernels),
 torch (the reference: runs anywhere and is the test oracle). `CASCADE_RT_BACKEND=torch` (or
-`triton`, `cuda`, `cpp`) forces one backend for every op where it can run, falling back to torch
-where it cannot; a comma list (`triton,torch`) sets the order. Models resolve their
-implementations once per stage setup with `resolve`, never per call inside the sampling loop.
+`triton`, `cuda`, `cpp`) forces one backend for every op where it can run; a comma list
+(`triton,torch`) sets the order. Where none of the named backends can run an op (no such
+backend for it, or not on this device or dtype), torch runs it and the `cascade_rt` logger warns
+once per (op, device, setting), naming the op and the backend used: a forced run never changes
+backend silently. Naming torch in the list (`cpp,torch`) accepts that fallback without a warning.
+Models resolve their implementations once per stage setup with `resolve`, never per call inside
+the sampling loop.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +35,8 @@ class Impl:
 
 _REGISTRY: dict[str, dict[str, Impl]] = {}
 _RESOLVED: dict[tuple, Impl] = {}
+_WARNED: set[tuple] = set()  # (op, device type, CASCADE_RT_BACKEND) fallbacks already logged
+log = logging.getLogger("cascade_rt")
 
 
 def register(op: str, impl: Impl) -> None:
@@ -72,17 +79,46 @@ def live_backends(op: str, device, dtypes=None) -> list[str]:
     return live
 
 
-def order() -> tuple[str, ...]:
-    """Backend preference order, from CASCADE_RT_BACKEND when it is set."""
+def forced() -> tuple[str, ...]:
+    """The backends CASCADE_RT_BACKEND names, in its order; empty when it is unset."""
     raw = os.environ.get(ENV_VAR, "").strip()
     if not raw:
-        return ORDER
+        return ()
     names = tuple(n.strip() for n in raw.split(",") if n.strip())
     bad = [n for n in names if n not in ORDER]
     if bad:
         raise ValueError(f"{ENV_VAR}={raw!r} names unknown backend(s) {bad}; choose from {ORDER}")
-    # The reference stays last so every op can still run.
+    return names
+
+
+def order() -> tuple[str, ...]:
+    """Backend preference order, from CASCADE_RT_BACKEND when it is set."""
+    names = forced()
+    if not names:
+        return ORDER
+    # The reference stays last so every op can still run (with a warning, see `_resolve`).
     return names if "torch" in names else (*names, "torch")
+
+
+def selected(op: str, device, dtype) -> tuple[str, str | None]:
+    """(backend `resolve` picks for `op` on `device` and `dtype` with default shape facts, and
+    why it is not the one CASCADE_RT_BACKEND asked for, or None when it is or none was asked)."""
+    impl = _resolve(op, None, {"device": device, "dtype": dtype}, warn=False)
+    return impl.backend, _fallback_reason(op, impl.backend, device)
+
+
+def _fallback_reason(op: str, used: str, device: Any) -> str | None:
+    names = forced()
+    if not names or used in names:
+        return None
+    missing = [n for n in names if n not in _REGISTRY[op]]
+    present = [n for n in names if n in _REGISTRY[op]]
+    why = []
+    if missing:
+        why.append(f"{op} has no {'/'.join(missing)} backend")
+    if present:
+        why.append(f"its {'/'.join(present)} backend cannot run it on {device} for these inputs")
+    return f"{ENV_VAR}={','.join(names)}: {' and '.join(why)}, so {used} runs {op}"
 
 
 def resolve(op: str, backend: str | None = None, **facts: Any) -> Impl:
@@ -96,7 +132,7 @@ def resolve(op: str, backend: str | None = None, **facts: Any) -> Impl:
     key = (op, backend, env, tuple(sorted(facts.items(), key=lambda kv: kv[0])))
     impl = _RESOLVED.get(key)
     if impl is None:
-        impl = _resolve(op, backend, facts)
+        impl = _resolve(op, backend, facts, warn=True)
         if env[2] == "1":
             impl = _labelled(op, impl)
         _RESOLVED[key] = impl
@@ -125,11 +161,13 @@ def _interpreter_only(name: str, device: Any, backend: str | None) -> bool:
 
 
 def clear_cache() -> None:
-    """Forgets resolved backends (after the extension or the environment changed under us)."""
+    """Forgets resolved backends and logged fallbacks (after the extension or the environment
+    changed under us)."""
     _RESOLVED.clear()
+    _WARNED.clear()
 
 
-def _resolve(op: str, backend: str | None, facts: dict[str, Any]) -> Impl:
+def _resolve(op: str, backend: str | None, facts: dict[str, Any], warn: bool) -> Impl:
     impls = backends(op)
     names = (backend,) if backend is not None else order()
     for name in names:
@@ -137,7 +175,19 @@ def _resolve(op: str, backend: str | None, facts: dict[str, Any]) -> Impl:
             continue
         impl = impls.get(name)
         if impl is not None and impl.supports(**facts):
+            if warn and backend is None:
+                _warn_fallback(op, name, facts.get("device"))
             return impl
     if backend is not None:
         raise ValueError(f"backend {backend!r} cannot run {op} for {facts}")
     raise ValueError(f"no backend among {names} can run {op} for {facts}")
+
+
+def _warn_fallback(op: str, used: str, device: Any) -> None:
+    key = (op, getattr(device, "type", str(device)), os.environ.get(ENV_VAR, "").strip())
+    if key in _WARNED:
+        return
+    reason = _fallback_reason(op, used, device)
+    if reason is not None:
+        _WARNED.add(key)
+        log.warning("%s", reason)
