@@ -1,6 +1,6 @@
 """Runs every bench/bench_*.py in one process, so measured peaks are taken once.
 
-    python bench/run_all.py [--quick] [--only vq_lookup] [--only attention ...]
+    python bench/run_all.py [--quick] [--only vq_lookup] [--only attention ...] [--skip pipeline]
 
 Each bench module has `main(quick: bool = False) -> list[dict]`, which writes its own rows. A bench
 that raises is recorded as an error row in run_all.jsonl and the run goes on to the next one.
@@ -39,8 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", action="append", choices=sorted(benches), help="run only this bench (repeatable)"
     )
+    parser.add_argument(
+        "--skip", action="append", choices=sorted(benches), help="leave this bench out (repeatable)"
+    )
     args = parser.parse_args(argv)
-    names = args.only or list(benches)
+    names = [n for n in args.only or benches if n not in (args.skip or [])]
     print(f"env: {common.env_info()}", flush=True)
     failed = []
     for name in names:

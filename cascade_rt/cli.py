@@ -61,6 +61,8 @@ def _generate(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             seed=args.seed,
             recipe=args.recipe,
+            graphs=args.graphs,
+            memory="resident" if args.memory == "auto" else args.memory,
         )
     else:
         pipe = Cascade.from_pretrained(
@@ -72,6 +74,8 @@ def _generate(args: argparse.Namespace) -> int:
             prior_lite=args.lite,
             decoder_lite=args.lite,
             recipe=args.recipe,
+            graphs=args.graphs,
+            memory=args.memory,
         )
     pipe.set_progress_bar_config(disable=args.quiet)
     generator = torch.Generator("cpu").manual_seed(args.seed)
@@ -97,8 +101,9 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"wrote {', '.join(str(p) for p in paths)}")
     print(f"device {pipe.device} dtype {str(pipe.dtype).removeprefix('torch.')}: {stages}")
     line = f"total {t['total']:.1f} ms, {len(paths) / (t['total'] / 1e3):.3f} images/s"
-    if pipe.device.type == "cuda":
-        line += f", peak memory {torch.cuda.max_memory_allocated(pipe.device) / 2**30:.2f} GiB"
+    report = pipe.memory_report()
+    line += f", memory {report['mode']}, peak {report['peak_bytes'] / 2**30:.2f} GiB"
+    line += f" ({report['peak_kind']})"
     print(line)
     return 0
 
@@ -148,6 +153,30 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(bench_args: list[str]) -> int:
+    """Runs bench/bench_pipeline.py of the source checkout this package was installed from."""
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_pipeline.py"
+    if not script.is_file():
+        print(
+            f"error: cascade-rt bench runs {script.name} from the source checkout's bench/ "
+            f"folder, which is not beside this installed package ({script.parent} is missing); "
+            "install from a checkout with `pip install -e .`",
+            file=sys.stderr,
+        )
+        return 2
+    sys.path.insert(0, str(script.parent))
+    argv, sys.argv = sys.argv, [str(script), *bench_args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as done:
+        return int(done.code or 0)
+    finally:
+        sys.argv = argv
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascade-rt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,14 +205,34 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--variant", help="checkpoint variant, e.g. bf16")
     gen.add_argument("--lite", action="store_true", help="use the lite Stage C and Stage B")
     gen.add_argument("--recipe", choices=["diffusers", "stability"], default="diffusers")
+    gen.add_argument(
+        "--memory",
+        choices=["auto", "resident", "sequential", "streaming"],
+        default="auto",
+        help="where the weights live: all on the device, only the running stage's, or Stage B/C "
+        "blocks streamed through a few buffers (default: picked from free memory)",
+    )
+    gen.add_argument(
+        "--no-graphs",
+        dest="graphs",
+        action="store_const",
+        const=False,
+        default=None,
+        help="run eagerly instead of replaying CUDA graphs (graphs are on by default on CUDA)",
+    )
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     gen.set_defaults(func=_generate)
     info = sub.add_parser("info", help="versions, devices and live kernel backends")
     info.set_defaults(func=_info)
+    # Listed for --help; main() hands everything after `bench` to the bench's own parser.
+    sub.add_parser("bench", help="the pipeline benchmark against diffusers (see bench --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -2,8 +2,9 @@
 
 Configs come from the diffusers `config.json` files, or are inferred from the tensor shapes of
 the official single files (Stage A: architecture from shapes, latent scale 0.43 as in the
-official code). Each module is built on the meta device and filled by `weights.load_module`,
-which checks every key, shape and dtype before it allocates anything.
+official code). Each module is built on the meta device; `weights.plan_load` checks every key,
+shape and dtype before anything is allocated, and the memory planner (cascade_rt/memory) then
+loads each stage where the memory mode puts it.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from typing import Any
 
 import torch
 
+from cascade_rt.memory import MemoryPlanner, StageWeights, choose_mode
 from cascade_rt.models.fp16_rescale import rescale_for_fp16
 from cascade_rt.models.stage_a import StageA, StageAConfig
 from cascade_rt.models.text_encoder import CLIPTextConfig, CLIPTextEncoder
 from cascade_rt.models.tokenizer import CLIPTokenizer
 from cascade_rt.models.unet import StableCascadeUNet, UNetConfig
-from cascade_rt.weights import CheckpointError, Source, load_module, locate
+from cascade_rt.weights import CheckpointError, Source, load_module, locate, plan_load
 
 OFFICIAL_STAGE_A_SCALE = 0.43
 logger = logging.getLogger("cascade_rt")
@@ -58,51 +60,61 @@ def load_cascade_components(
     variant: str | None,
     prior_lite: bool,
     decoder_lite: bool,
+    memory: str = "resident",
 ) -> dict[str, Any]:
-    """Keyword arguments for `Cascade(...)`: tokenizer, text_encoder, prior, decoder, vqgan,
-    vqgan_scale_factor and the two scheduler configs.
+    """Keyword arguments for `Cascade(...)`: tokenizer, `memory` (a MemoryPlanner holding the
+    four modules, placed as the memory mode says), vqgan_scale_factor and the two scheduler
+    configs.
 
-    Every location is resolved and every header read before any weight is loaded, so a missing
-    component fails fast.
+    Every location is resolved and every header checked before any weight is loaded, so a
+    missing or mismatched component fails fast.
     """
     dec_root = decoder_path if decoder_path is not None else path
-    prior_src = locate(path, "prior", variant=variant, lite=prior_lite)
-    decoder_src = locate(dec_root, "decoder", variant=variant, lite=decoder_lite)
-    vqgan_src = locate(dec_root, "vqgan", variant=variant)
-    te_src = locate(path, "text_encoder", variant=variant)
+    sources = {
+        "text_encoder": locate(path, "text_encoder", variant=variant),
+        "prior": locate(path, "prior", variant=variant, lite=prior_lite),
+        "decoder": locate(dec_root, "decoder", variant=variant, lite=decoder_lite),
+        "vqgan": locate(dec_root, "vqgan", variant=variant),
+    }
     tok_src = locate(path, "tokenizer")
     configs = {
-        "prior": _unet_config(prior_src),
-        "decoder": _unet_config(decoder_src),
-        "vqgan": _stage_a_config(vqgan_src),
-        "text_encoder": CLIPTextConfig.from_dict(te_src.config or {}),
+        "text_encoder": CLIPTextConfig.from_dict(sources["text_encoder"].config or {}),
+        "prior": _unet_config(sources["prior"]),
+        "decoder": _unet_config(sources["decoder"]),
+        "vqgan": _stage_a_config(sources["vqgan"]),
     }
     if configs["prior"].is_decoder or not configs["decoder"].is_decoder:
         raise ValueError(
-            f"{prior_src.folder} must hold Stage C (prior) and {decoder_src.folder} Stage B "
-            "(decoder) weights"
+            f"{sources['prior'].folder} must hold Stage C (prior) and "
+            f"{sources['decoder'].folder} Stage B (decoder) weights"
         )
     with torch.device("meta"):
         modules = {
+            "text_encoder": CLIPTextEncoder(configs["text_encoder"]),
             "prior": StableCascadeUNet(configs["prior"]),
             "decoder": StableCascadeUNet(configs["decoder"]),
             "vqgan": StageA(configs["vqgan"]),
-            "text_encoder": CLIPTextEncoder(configs["text_encoder"]),
         }
-    sources = {
-        "prior": prior_src,
-        "decoder": decoder_src,
-        "vqgan": vqgan_src,
-        "text_encoder": te_src,
+    plans = {name: plan_load(modules[name], sources[name], dtype) for name in modules}
+    mode, why = choose_mode(memory, device, {name: p.nbytes for name, p in plans.items()})
+    stages = {
+        name: StageWeights(module, source=sources[name], dtype=dtype)
+        for name, module in modules.items()
     }
-    for name, module in modules.items():
-        load_module(module, sources[name], device=device, dtype=dtype)
-        module.eval()
-    if dtype == torch.float16:  # the big Stage C's stream overflows fp16 without it
-        logger.info("prior: %s", rescale_for_fp16(modules["prior"]).summary())
+    rescale = dtype == torch.float16  # the big Stage C's stream overflows fp16 without it
+    if rescale and mode != "resident":
+        # Swapped or streamed weights are re-copied from their host copy, so that copy must be
+        # the rescaled one: load the prior on the CPU, rescale, and hand its tensors over.
+        prior = modules["prior"]
+        load_module(prior, sources["prior"], device=torch.device("cpu"), dtype=dtype)
+        logger.info("prior: %s", rescale_for_fp16(prior).summary())
+        stages["prior"] = StageWeights.from_module(prior)
+    planner = MemoryPlanner(mode, device, stages, reason=why)
+    if rescale and mode == "resident":
+        logger.info("prior: %s", rescale_for_fp16(planner.modules["prior"]).summary())
     return {
         "tokenizer": CLIPTokenizer.from_folder(tok_src.folder),
-        **modules,
+        "memory": planner,
         "vqgan_scale_factor": configs["vqgan"].scale_factor,
         "prior_scheduler_config": _scheduler_config(path, variant),
         "decoder_scheduler_config": _scheduler_config(dec_root, variant),

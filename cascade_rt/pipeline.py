@@ -30,8 +30,9 @@ from cascade_rt.loops import (
     loop_program,
     text_program,
 )
+from cascade_rt.memory import MemoryPlanner, StageWeights
 from cascade_rt.resolution import latent_sizes
-from cascade_rt.runner import CacheInfo, ProgramCache
+from cascade_rt.runner import CacheInfo, Program, ProgramCache
 from cascade_rt.sampling import GeneratorArg, Sampler, make_sampler
 
 logger = logging.getLogger("cascade_rt")
@@ -66,6 +67,8 @@ class CascadeOutput:
 
     images: list[Image.Image] | np.ndarray | torch.Tensor
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # Host time per stage to fill its static buffers and launch it (one graph replay on CUDA).
+    host_ms: dict[str, float] = field(default_factory=dict)
 
 
 class NonFiniteError(FloatingPointError):
@@ -109,38 +112,54 @@ class Cascade:
         self,
         *,
         tokenizer: Any,
-        text_encoder: torch.nn.Module,
-        prior: torch.nn.Module,
-        decoder: torch.nn.Module,
-        vqgan: torch.nn.Module,
         vqgan_scale_factor: float,
+        text_encoder: torch.nn.Module | None = None,
+        prior: torch.nn.Module | None = None,
+        decoder: torch.nn.Module | None = None,
+        vqgan: torch.nn.Module | None = None,
         prior_scheduler_config: dict | None = None,
         decoder_scheduler_config: dict | None = None,
         recipe: str = "diffusers",
         random_weights: bool = False,
         graphs: bool | None = None,
         graph_cache_size: int = 16,
+        memory: str | MemoryPlanner = "resident",
+        device: str | torch.device | None = None,
     ) -> None:
+        """The four modules (loaded) and a memory mode, or `memory=` a `MemoryPlanner` that
+        already holds them (`from_pretrained` builds one from the checkpoint files). `device`
+        defaults to the prior's; modules elsewhere (e.g. on the CPU) are placed there."""
         if recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+        if not isinstance(memory, MemoryPlanner):
+            given = {"text_encoder": text_encoder, "prior": prior, "decoder": decoder}
+            given["vqgan"] = vqgan
+            if missing := [name for name, m in given.items() if m is None]:
+                raise ValueError(f"Cascade needs the modules {missing} (or a MemoryPlanner)")
+            dev = torch.device(device) if device is not None else next(prior.parameters()).device
+            weights = {name: StageWeights.from_module(m) for name, m in given.items()}
+            memory = MemoryPlanner(memory, dev, weights)
+        elif any(m is not None for m in (text_encoder, prior, decoder, vqgan)):
+            raise ValueError("give the modules or a MemoryPlanner holding them, not both")
+        self.memory = memory
         self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-        self.prior = prior
-        self.decoder = decoder
-        self.vqgan = vqgan
+        self.text_encoder = memory.modules["text_encoder"]
+        self.prior = memory.modules["prior"]
+        self.decoder = memory.modules["decoder"]
+        self.vqgan = memory.modules["vqgan"]
         self.vqgan_scale_factor = float(vqgan_scale_factor)
         self.recipe = recipe
         self.random_weights = random_weights
         self.prior_sampler: Sampler = make_sampler(recipe, "prior", prior_scheduler_config)
         self.decoder_sampler: Sampler = make_sampler(recipe, "decoder", decoder_scheduler_config)
-        weight = next(prior.parameters())
-        self.device: torch.device = weight.device
-        self.dtype: torch.dtype = weight.dtype
+        self.device: torch.device = memory.device
+        self.dtype: torch.dtype = self.prior.dtype
         self.progress = True
         # Text encoding, each sampling loop and the Stage A decode run as cached programs over
         # static buffers: CUDA graphs on CUDA (graphs=None), eager elsewhere.
         self.programs = ProgramCache(self.device, graphs=graphs, capacity=graph_cache_size)
         self.graphs = self.programs.graphs
+        self._host_ms: dict[str, float] = {}  # of the current call, by stage
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -158,6 +177,7 @@ class Cascade:
         vqgan_scale_factor: float | None = None,
         graphs: bool | None = None,
         graph_cache_size: int = 16,
+        memory: str = "auto",
     ) -> Cascade:
         """Loads a cascade from any supported layout (see cascade_rt/weights/layout.py).
 
@@ -166,7 +186,10 @@ class Cascade:
         when present, dtype to bfloat16 on CUDA and float32 on CPU. `vqgan_scale_factor` overrides
         the checkpoint's latent scale (diffusers 0.3764, official Stage A 0.43). `graphs`
         (default: on for CUDA) runs every stage as a replayed CUDA graph; `graph_cache_size`
-        bounds how many (shape, steps, guidance) variants stay captured.
+        bounds how many (shape, steps, guidance) variants stay captured. `memory` says where the
+        weights live: "resident" (all on the device), "sequential" (only the running stage's),
+        "streaming" (Stage B/C blocks stream through a few device buffers) or "auto" (picked
+        from free memory; `memory_report()` says which and why).
         """
         from cascade_rt.loading import load_cascade_components
 
@@ -178,6 +201,7 @@ class Cascade:
             variant=variant,
             prior_lite=prior_lite,
             decoder_lite=decoder_lite,
+            memory=memory,
         )
         if vqgan_scale_factor is not None:
             parts["vqgan_scale_factor"] = vqgan_scale_factor
@@ -194,18 +218,21 @@ class Cascade:
         recipe: str = "diffusers",
         graphs: bool | None = None,
         graph_cache_size: int = 16,
+        memory: str = "resident",
     ) -> Cascade:
         """A built-in cascade with random weights: "tiny" (small, runs anywhere), or "lite" /
         "big" (the released architectures, for benchmarks). It runs the whole path; its
-        pictures are noise."""
+        pictures are noise. Outside the resident mode the weights are drawn on the CPU and the
+        memory planner places them (`memory` as in `from_pretrained`)."""
         import tempfile
 
         from cascade_rt.random_weights import build_random_models
 
         dev = resolve_device(device)
+        build_on = dev if memory == "resident" else torch.device("cpu")
         with tempfile.TemporaryDirectory(prefix="cascade_rt_tok_") as tmp:
             parts = build_random_models(
-                size, Path(tmp), device=dev, dtype=resolve_dtype(dtype, dev), seed=seed
+                size, Path(tmp), device=build_on, dtype=resolve_dtype(dtype, dev), seed=seed
             )
         return cls(
             **parts,
@@ -214,6 +241,8 @@ class Cascade:
             random_weights=True,
             graphs=graphs,
             graph_cache_size=graph_cache_size,
+            memory=memory,
+            device=dev,
         )
 
     # ------------------------------------------------------------------ stages
@@ -243,7 +272,11 @@ class Cascade:
                 self.text_encoder, shape, self.device, graph=self.graphs, pool=self.programs.pool
             ),
         )
-        out = program.run({"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask})
+        out = self._run(
+            "text_encoder",
+            program,
+            {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask},
+        )
         hidden = out["hidden"].repeat_interleave(num_images_per_prompt, dim=0)  # [N, 77, C]
         pooled = out["pooled"].unsqueeze(1).repeat_interleave(num_images_per_prompt, dim=0)
         n = len(prompt) * num_images_per_prompt
@@ -289,7 +322,7 @@ class Cascade:
         with tqdm(total=steps, desc=desc, disable=not self.progress, leave=False) as bar:
             loop.on_step = None if self.graphs else bar.update
             try:
-                out = program.run(values)
+                out = self._run(stage, program, values)
             finally:
                 loop.on_step = None
             if self.graphs:
@@ -368,6 +401,7 @@ class Cascade:
             negatives = None
 
         timings: dict[str, float] = {}
+        self._host_ms.clear()
         with _stage_time("text_encoder", self.device, timings):
             emb = self.encode_prompt(prompts, negatives, num_images_per_prompt)
         with _stage_time("prior", self.device, timings):
@@ -394,7 +428,8 @@ class Cascade:
                 generator,
             )
         if output_type == "latent":
-            return CascadeOutput(stage_b.clone() if self.graphs else stage_b, timings)
+            latent = stage_b.clone() if self.graphs else stage_b
+            return CascadeOutput(latent, timings, dict(self._host_ms))
         with _stage_time("vqgan", self.device, timings):
             shape = tuple(stage_b.shape)
             program = self.programs.get(
@@ -409,10 +444,17 @@ class Cascade:
                     pool=self.programs.pool,
                 ),
             )
-            images = program.run({"latents": stage_b})["images"]  # static under graphs
+            images = self._run("vqgan", program, {"latents": stage_b})["images"]  # static w/ graphs
             result = _convert(images.clone() if output_type == "pt" else images, output_type)
         timings["total"] = sum(timings.values())
-        return CascadeOutput(result, timings)
+        return CascadeOutput(result, timings, dict(self._host_ms))
+
+    def _run(self, stage: str, program: Program, values: dict[str, torch.Tensor]):
+        """Runs a stage's program with that stage's weights on the device (memory modes)."""
+        with self.memory.use(stage):
+            out = program.run(values)
+        self._host_ms[stage] = round(program.host_ms, 3)
+        return out
 
     def _prior_cond(self, emb: PromptEmbeds, n: int, guided: bool) -> dict[str, torch.Tensor]:
         c_img = self.prior.config.clip_image_in_channels
@@ -464,6 +506,15 @@ class Cascade:
         _check_number("prompt_count", prompt_count, integer=True, minimum=1)
         call_kwargs.setdefault("output_type", "latent")
         return self([""] * prompt_count, **call_kwargs)
+
+    def memory_report(self) -> dict:
+        """Memory mode (and why, for "auto"), peak memory, weight bytes on the device and on the
+        host, bytes copied for swapping or streaming and their time, per-stage placement."""
+        return self.memory.report()
+
+    def weight_bytes(self) -> int:
+        """Bytes of all four stages' weights in the run dtype."""
+        return sum(self.memory.stage_bytes.values())
 
     def graph_cache_info(self) -> CacheInfo:
         """Entries, bytes held (static buffers and capture growth), hits, misses, evictions."""

@@ -20,6 +20,7 @@ cuBLAS handles and allocator growth stay out of the graph (stable-fast, gpt-fast
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
@@ -70,6 +71,8 @@ class Program:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: Outputs | None = None
         self.capture_bytes = 0  # pool growth measured at capture (activations of this program)
+        # Host time of the last run (fills plus replay launch; all of the work when eager).
+        self.host_ms = 0.0
 
     @property
     def nbytes(self) -> int:
@@ -94,14 +97,19 @@ class Program:
 
     def run(self, values: Mapping[str, torch.Tensor]) -> Outputs:
         """Fills the inputs and runs the body (replays its graph once captured)."""
-        self.fill(values)
-        if not self.graph_enabled:
-            return self.body(self.inputs)
-        if self.graph is None:
+        if self.graph_enabled and self.graph is None:
+            self.fill(values)
             self._capture()
-        assert self.graph is not None and self.outputs is not None
-        self.graph.replay()
-        return self.outputs
+        start = time.perf_counter()
+        self.fill(values)
+        if self.graph_enabled:
+            assert self.graph is not None and self.outputs is not None
+            self.graph.replay()
+            outputs = self.outputs
+        else:
+            outputs = self.body(self.inputs)
+        self.host_ms = (time.perf_counter() - start) * 1e3
+        return outputs
 
     def _capture(self) -> None:
         current = torch.cuda.current_stream(self.device)

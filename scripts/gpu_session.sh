@@ -3,14 +3,17 @@
 #
 #   CASCADE_RT_COMMIT=<short hash> bash scripts/gpu_session.sh [phase ...]
 #
-# Phases (default: all, in this order): wheels build gpu_tests tests bench profile. It runs from the repo
-# root and writes under $OUT (default ./out): session.log (one line per phase, rc and seconds),
-# <phase>.log for each phase, and bench_results.jsonl (every bench row, each tagged with its op):
-# at most 7 files, so all of them come back from the machine. A failed phase is logged and the
-# next one still runs; the exit status is 1 if any phase failed. Each phase has a time limit
-# (seconds, overridable as e.g. LIMIT_bench=300); together they fit one 10-minute call. To give the
-# benches more time, run the phases over two calls: `... wheels build gpu_tests tests`, then
-# `... wheels build bench` (each call may land on a fresh machine, so each one builds).
+# Phases (default, in this order): wheels build gpu_tests bench pipeline profile; `tests` (the CPU
+# suite, which CI runs anyway) only when named. It runs from the repo root and writes under $OUT
+# (default ./out): session.log (one line per phase, rc and seconds), <phase>.log for each phase,
+# bench_results.jsonl (every bench row, each tagged with its op) and the pipeline bench's
+# pipeline.md table and pipeline.png chart: few files, so all of them come back from the machine.
+# A failed phase is logged and the next one still runs; the exit status is 1 if any phase failed.
+# Each phase has a time limit (seconds, overridable as e.g. LIMIT_pipeline=400); the defaults add
+# up to 9 minutes, inside one 10-minute call. The pipeline bench writes each row as soon as it is
+# measured, so a phase cut by its limit still returns what it measured. For more time, split the
+# phases over two calls: `... wheels build gpu_tests bench`, then `... wheels build pipeline
+# profile` (each call may land on a fresh machine, so each one builds).
 # The copy of the tree on the machine has no .git: pass the commit for the result rows as above.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -67,28 +70,34 @@ log "commit: ${CASCADE_RT_COMMIT:-unknown (set CASCADE_RT_COMMIT)}"
 export CASCADE_RT_COMMIT=${CASCADE_RT_COMMIT:-unknown}
 
 phases=("$@")
-[ ${#phases[@]} -eq 0 ] && phases=(wheels build gpu_tests tests bench profile)
+[ ${#phases[@]} -eq 0 ] && phases=(wheels build gpu_tests bench pipeline profile)
 rm -rf /tmp/bench_out && mkdir -p /tmp/bench_out
 for phase in "${phases[@]}"; do
   case $phase in
   wheels)
     if compgen -G ".whl/*.whl" >/dev/null; then
-      run_phase wheels 60 bash -c phase_wheels
+      run_phase wheels 15 bash -c phase_wheels
       export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     else
       log "wheels: none carried (.whl/ absent or empty)"
     fi
     ;;
-  build) run_phase build 180 bash -c phase_build ;;
-  gpu_tests) run_phase gpu_tests 90 "$PY" -m pytest -m gpu -q -p no:cacheprovider ;;
+  build) run_phase build 150 bash -c phase_build ;;
+  gpu_tests) run_phase gpu_tests 80 "$PY" -m pytest -m gpu -q -p no:cacheprovider ;;
   # The rest of the suite; with gpu_tests above, the whole suite runs once.
   tests) run_phase tests 120 "$PY" -m pytest -m "not gpu" -q -p no:cacheprovider ;;
   bench)
-    # shellcheck disable=SC2086 # BENCH_ARGS holds several words, e.g. "--quick --only vq_lookup"
-    run_phase bench 170 env OUT=/tmp/bench_out "$PY" bench/run_all.py ${BENCH_ARGS:-}
+    # Every op bench and the load bench; the pipeline has its own phase below.
+    # shellcheck disable=SC2086 # BENCH_ARGS holds several words, e.g. "--only vq_lookup"
+    run_phase bench 80 env OUT=/tmp/bench_out "$PY" bench/run_all.py --quick --skip pipeline ${BENCH_ARGS:-}
     ;;
-  profile) run_phase profile 90 env OUT=/tmp/bench_out "$PY" bench/profile_step.py ;;
-  *) log "unknown phase '$phase' (known: wheels build gpu_tests tests bench profile)" && failed+=("$phase") ;;
+  pipeline)
+    # shellcheck disable=SC2086 # PIPELINE_ARGS, e.g. "--no-compile" or "--size lite"
+    run_phase pipeline 180 env OUT=/tmp/bench_out "$PY" bench/bench_pipeline.py --quick ${PIPELINE_ARGS:-}
+    cp /tmp/bench_out/pipeline.md /tmp/bench_out/pipeline.png "$OUT"/ 2>/dev/null
+    ;;
+  profile) run_phase profile 45 env OUT=/tmp/bench_out "$PY" bench/profile_step.py ;;
+  *) log "unknown phase '$phase' (known: wheels build gpu_tests tests bench pipeline profile)" && failed+=("$phase") ;;
   esac
 done
 # Benches write one <op>.jsonl each; they are merged so that few files come back.

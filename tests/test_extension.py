@@ -53,4 +53,4 @@ def test_info_reports_missing_extension() -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "not loaded" in res.stdout and "blocked for the test" in res.stdout
-    assert "vq_lookup        cpu     torch" in res.stdout
+    assert "vq_lookup        cpu     runs torch" in res.stdout

@@ -268,19 +268,33 @@ def test_random_weights_rescale_fp16_builds_only(tmp_path: Path, caplog):
     assert torch.equal(_writer(fp16["prior"]), _writer(fp32["prior"]).half() * DEFAULT_SCALE)
 
 
-def test_checkpoint_loads_rescale_fp16_only(tiny, caplog):
+# Streaming takes the same path as sequential (a rescaled host copy), where reading a streamed
+# block's weights outside a forward pass would show a slot, not the block.
+@pytest.mark.parametrize("memory", ["resident", "sequential"])
+def test_checkpoint_loads_rescale_fp16_only(tiny, caplog, memory):
     kw = dict(
         decoder_path=None,
         device=torch.device("cpu"),
         variant=None,
         prior_lite=False,
         decoder_lite=False,
+        memory=memory,
     )
     with caplog.at_level(logging.INFO, logger="cascade_rt"):
-        fp32 = load_cascade_components(tiny.combined, dtype=torch.float32, **kw)
+        fp32 = load_cascade_components(tiny.combined, dtype=torch.float32, **kw)["memory"]
         assert "fp16 rescale" not in caplog.text
-        fp16 = load_cascade_components(tiny.combined, dtype=torch.float16, **kw)
+        fp16 = load_cascade_components(tiny.combined, dtype=torch.float16, **kw)["memory"]
     assert "prior: fp16 rescale" in caplog.text
+    # The weights as the stage runs them: a swapped copy must be the rescaled one.
+    with fp32.use("prior"), fp16.use("prior"):
+        _check_rescaled(fp32.modules, fp16.modules)
+    with fp32.use("decoder"), fp16.use("decoder"):  # in sequential mode: the prior swapped out
+        pass
+    with fp32.use("prior"), fp16.use("prior"):  # ... and copied back in
+        _check_rescaled(fp32.modules, fp16.modules)
+
+
+def _check_rescaled(fp32: dict, fp16: dict) -> None:
     assert set(_eps(fp32["prior"]).values()) == {1e-6}
     assert _eps(fp16["prior"])["clf.0"] == 1e-6 * DEFAULT_SCALE**2
     assert set(_eps(fp16["decoder"]).values()) == {1e-6}

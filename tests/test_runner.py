@@ -262,3 +262,17 @@ def test_replay_allocates_nothing() -> None:
     after = torch.cuda.memory_stats()
     for counter in ("allocation.all.allocated", "segment.all.allocated", "num_alloc_retries"):
         assert after.get(counter, 0) == before.get(counter, 0), counter
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.inference_mode()
+def test_programs_share_one_pool() -> None:
+    """With one pool, each later capture reuses what earlier ones freed, so the pool grows to
+    about the largest program's activations, not their sum (allocator rounding allowed for)."""
+    pipe = _cuda_pipe(True, torch.bfloat16)
+    pipe.warmup(**dict(CALL, height=512, width=512))
+    programs = list(pipe.programs._programs.values())
+    assert len({id(p.pool) for p in programs}) == 1 and programs[0].pool is pipe.programs.pool
+    growth = [p.capture_bytes for p in programs]
+    assert sum(growth) <= 1.25 * max(growth) + (16 << 20), growth

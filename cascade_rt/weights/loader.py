@@ -1,27 +1,41 @@
-"""Loading a checkpoint into a meta-built module: check everything, allocate once, copy, assign.
+"""Loading a checkpoint into a meta-built module: check everything, then map or copy, assign.
 
 Order of work (design.md "Weights"): the module's meta state dict gives the canonical names and
-shapes; the key map plans which file key fills which rows of which tensor; every key, shape and
-dtype is checked against the file headers; only then is one arena allocated on the device, filled
-by reading file bytes into its views, and assigned with `load_state_dict(assign=True)`. A failure
-at any point leaves the module on meta and drops the arena.
+shapes; the key map plans which file key fills which rows of which tensor; every key, shape, dtype
+and file size is checked against the file headers (`plan_load`, which allocates nothing); only
+then is memory taken and filled, and the tensors assigned with `load_state_dict(assign=True)`. A
+failure at any point leaves the module on meta and drops what was taken.
+
+Where the weights live:
+- CPU: a tensor stored in the file in its run dtype that maps 1:1 onto a canonical tensor is a
+  view of the file's copy-on-write mapping (filemap.py): zero copy, the page cache's own pages.
+  The rest (dtype casts, q/k/v files fused into `in_proj_*` rows, the rare tensor whose file
+  offset is not element-aligned) are cast from the mapping into one pre-faulted arena (arena.py).
+- CUDA: one device arena, filled through pinned staging buffers on a copy stream, cast on the
+  device (staging.py).
+
+`LoadPlan.fill` writes the same tensors into caller-owned views (a memory planner refilling a
+fixed buffer) through the staging buffers of staging.py on either device (pread, then one copy
+or cast per tensor), so a refill maps nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 from torch import nn
 
-from .arena import Arena
+from .arena import Arena, arena_layout, nbytes_of
+from .filemap import check_size, map_file, tensor_bytes
 from .keymap import WEIGHT_COMPONENTS, Piece, ignored, plan
 from .layout import Source
 from .safetensors_io import FLOAT_CODES, INT_CODES, CheckpointError, TensorInfo
+from .staging import stream_copy
+
+Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 RUN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LIST = 10  # names listed per error; the counts are always complete
@@ -78,10 +92,10 @@ class _Job:
 
 def _check_tensors(
     source: Source, pieces: list[Piece], expected: dict[str, torch.Tensor], run_dtype: torch.dtype
-) -> tuple[list[_Job], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
-    """Every piece's shape and dtype; returns the copy jobs and the arena specs."""
+) -> tuple[list[_Job], Specs]:
+    """Every piece's shape and dtype; returns the copy jobs and the specs of the tensors."""
     jobs: list[_Job] = []
-    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    specs: Specs = {}
     bad: list[str] = []
     for p in pieces:
         info, meta = source.tensors[p.file_key], expected[p.canonical_key]
@@ -103,69 +117,129 @@ def _check_tensors(
         specs[p.canonical_key] = (tuple(meta.shape), dtype)
     if bad:
         raise CheckpointError(f"{_where(source)}: {len(bad)} shape mismatches: {_names(bad)}")
-    # Arena order follows the module, so views of one block sit together.
+    # Module order, so arena views of one block sit together.
     return jobs, {k: specs[k] for k in expected}
 
 
-def _read_into(f: BinaryIO, info: TensorInfo, dst: memoryview) -> None:
-    f.seek(info.start)
-    done = 0
-    while done < info.nbytes:
-        n = f.readinto(dst[done:])
-        if not n:
-            raise CheckpointError(
-                f"{info.path}: key {info.name!r}: file ends {info.nbytes - done} bytes early"
+def _check_sizes(jobs: Sequence[_Job]) -> None:
+    """Every tensor's bytes lie inside its file as it is now (headers may be older)."""
+    sizes: dict[Path, int] = {}
+    for j in jobs:
+        if j.info.path not in sizes:
+            try:
+                sizes[j.info.path] = j.info.path.stat().st_size
+            except OSError as e:
+                raise CheckpointError(f"{j.info.path}: cannot read: {e}") from e
+        check_size(j.info, sizes[j.info.path])
+
+
+def _destination(views: Mapping[str, torch.Tensor], job: _Job) -> torch.Tensor:
+    view = views[job.key]
+    return view if job.rows is None else view[job.rows[0] : job.rows[1]]
+
+
+def _file_view(maps: Mapping[Path, torch.Tensor], job: _Job) -> torch.Tensor:
+    """The job's tensor as a typed view of its mapped file; its offset must be element-aligned."""
+    raw = tensor_bytes(maps[job.info.path], job.info)
+    return raw.view(job.file_dtype).view(job.info.shape)
+
+
+def _aligned(job: _Job) -> bool:
+    return job.info.start % job.file_dtype.itemsize == 0
+
+
+def _copy_cpu(
+    jobs: Sequence[_Job], views: Mapping[str, torch.Tensor], maps: Mapping[Path, torch.Tensor]
+) -> None:
+    """Copies each job from its file mapping into its view, casting where dtypes differ (one
+    multi-threaded `copy_` per tensor, in file order)."""
+    for j in sorted(jobs, key=lambda j: (str(j.info.path), j.info.start)):
+        out = _destination(views, j)
+        if out.dtype == j.file_dtype:
+            out.view(-1).view(torch.uint8).copy_(tensor_bytes(maps[j.info.path], j.info))
+        elif _aligned(j):
+            out.copy_(_file_view(maps, j))
+        else:
+            # Mixed-dtype files can leave a tensor at an offset its dtype cannot view.
+            raw = tensor_bytes(maps[j.info.path], j.info).clone()
+            out.copy_(raw.view(j.file_dtype).view(out.shape))
+
+
+def _write(
+    jobs: Sequence[_Job],
+    views: Mapping[str, torch.Tensor],
+    device: torch.device,
+    maps: Mapping[Path, torch.Tensor] | None = None,
+) -> None:
+    """Fills `views` from the files: from `maps` (the files' mappings) when given, else through
+    the staging buffers (`LoadPlan.fill`: mapping a whole file to refill a buffer would put a
+    second copy of the stage in the process' RSS while it runs)."""
+    if not jobs:
+        return
+    if maps is not None:
+        _copy_cpu(jobs, views, maps)
+    else:
+        items = [(j.info, j.file_dtype, _destination(views, j).view(-1)) for j in jobs]
+        stream_copy(items, device)
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """Everything checked about loading one checkpoint into one module; nothing allocated.
+
+    specs: {canonical key: (shape, dtype)} in module order, the tensors `fill` writes.
+    nbytes: size of an arena holding them all (arena.ALIGNMENT between views).
+    """
+
+    module_name: str
+    specs: Specs
+    jobs: tuple[_Job, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return arena_layout(self.specs)[1]
+
+    def _check_views(self, views: Mapping[str, torch.Tensor]) -> torch.device:
+        if not views and not self.specs:
+            return torch.device("cpu")
+        missing = sorted(self.specs.keys() - views.keys())
+        unexpected = sorted(views.keys() - self.specs.keys())
+        if missing or unexpected:
+            raise ValueError(
+                f"LoadPlan.fill for {self.module_name}: {len(missing)} views missing "
+                f"[{_names(missing)}], {len(unexpected)} unexpected [{_names(unexpected)}]"
             )
-        done += n
+        bad = [
+            f"{k}: {list(v.shape)} {v.dtype}{'' if v.is_contiguous() else ' non-contiguous'}, "
+            f"expected {list(shape)} {dtype}"
+            for k, v in views.items()
+            for shape, dtype in [self.specs[k]]
+            if tuple(v.shape) != shape or v.dtype != dtype or not v.is_contiguous()
+        ]
+        if bad:
+            raise ValueError(
+                f"LoadPlan.fill for {self.module_name}: {len(bad)} bad views: {_names(bad)}"
+            )
+        devices = sorted({str(v.device) for v in views.values()})
+        if len(devices) > 1 or devices[0].split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(
+                f"LoadPlan.fill for {self.module_name}: views must share one CPU or CUDA "
+                f"device, got {', '.join(devices)}"
+            )
+        return next(iter(views.values())).device
+
+    def fill(self, views: Mapping[str, torch.Tensor]) -> None:
+        """Writes every tensor into `views` ({key: contiguous tensor of its spec's shape and
+        dtype}, all on one CPU or CUDA device), casting from the file dtype. Checks every view
+        before writing any."""
+        device = self._check_views(views)
+        _write(self.jobs, views, device)
 
 
-def _as_bytes(t: torch.Tensor) -> memoryview:
-    """Writable byte view of a contiguous CPU tensor (numpy has no bfloat16, uint8 always works).
-
-    Arena views and their row slices are contiguous, so reshape returns a view, never a copy.
-    """
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-def _copy(arena: Arena, jobs: list[_Job]) -> None:
-    """Fills the arena in file order. On CPU, pieces already in the run dtype are read straight
-    into their view's bytes; the rest go through one staging buffer (pinned for CUDA, so the
-    host-to-device copy is a DMA) and `copy_`, which casts."""
-    jobs = sorted(jobs, key=lambda j: (str(j.info.path), j.info.start))
-
-    def dest(j: _Job) -> torch.Tensor:
-        view = arena.views[j.key]
-        return view if j.rows is None else view[j.rows[0] : j.rows[1]]
-
-    cpu = arena.device.type == "cpu"
-    staged = [j for j in jobs if not cpu or j.file_dtype != arena.views[j.key].dtype]
-    size = max((j.info.nbytes for j in staged), default=0)
-    staging = torch.empty(size, dtype=torch.uint8, pin_memory=arena.device.type == "cuda")
-    with ExitStack() as stack:
-        files: dict[Path, BinaryIO] = {}
-        for j in jobs:
-            if j.info.nbytes == 0:
-                continue
-            if j.info.path not in files:
-                files[j.info.path] = stack.enter_context(open(j.info.path, "rb", buffering=0))
-            f, out = files[j.info.path], dest(j)
-            if cpu and j.file_dtype == out.dtype:
-                _read_into(f, j.info, _as_bytes(out))
-                continue
-            buf = staging[: j.info.nbytes]
-            _read_into(f, j.info, _as_bytes(buf))
-            out.copy_(buf.view(j.file_dtype).view(out.shape))
-
-
-def load_module(
-    module: nn.Module, source: Source, *, device: torch.device | str, dtype: torch.dtype
-) -> nn.Module:
-    """Loads `source` into `module` (built on meta) as views of one arena on `device`.
-
-    Float tensors are stored in `dtype`, integer buffers in their own dtype. Sets
-    `module.arena_bytes`. Raises CheckpointError (or ValueError for a misbuilt module) before
-    allocating anything when a key, shape or dtype does not fit.
-    """
+def plan_load(module: nn.Module, source: Source, dtype: torch.dtype) -> LoadPlan:
+    """Checks that `source` fits `module` (built on meta) in run dtype `dtype`: every key, shape,
+    dtype and file size. Raises CheckpointError (ValueError for a misbuilt module or a bad run
+    dtype); allocates nothing."""
     if dtype not in RUN_DTYPES:
         raise ValueError(f"run dtype must be one of {RUN_DTYPES}, got {dtype}")
     if source.component not in WEIGHT_COMPONENTS:
@@ -179,15 +253,61 @@ def load_module(
         raise CheckpointError(f"{type(module).__name__}: {e}") from e
     _check_keys(source, pieces)
     jobs, specs = _check_tensors(source, pieces, expected, dtype)
+    _check_sizes(jobs)
+    return LoadPlan(type(module).__name__, specs, tuple(jobs))
 
-    arena = Arena(specs, device)
+
+def _zero_copy_jobs(load: LoadPlan) -> dict[str, _Job]:
+    """Jobs whose file bytes can be the tensor itself: the whole tensor, in its run dtype, at an
+    element-aligned offset."""
+    count: dict[str, int] = {}
+    for j in load.jobs:
+        count[j.key] = count.get(j.key, 0) + 1
+    return {
+        j.key: j
+        for j in load.jobs
+        if count[j.key] == 1
+        and j.rows is None
+        and j.file_dtype == load.specs[j.key][1]
+        and _aligned(j)
+    }
+
+
+def load_module(
+    module: nn.Module, source: Source, *, device: torch.device | str, dtype: torch.dtype
+) -> nn.Module:
+    """Loads `source` into `module` (built on meta) on `device`.
+
+    Float tensors are stored in `dtype`, integer buffers in their own dtype. On CPU, tensors the
+    file holds as they are needed are views of the mapped file (module.mapped_bytes), the others
+    sit in one arena (module.arena_bytes); on CUDA everything is in one arena. The mappings are
+    kept on `module._weight_maps`. Raises CheckpointError (or ValueError for a misbuilt module)
+    before allocating anything when a key, shape, dtype or file size does not fit.
+    """
+    load = plan_load(module, source, dtype)
+    device = torch.device(device)
+    expected = module.state_dict(keep_vars=True)
+    arena: Arena | None = None
     try:
-        _copy(arena, jobs)
-        module.load_state_dict(arena.views, assign=True, strict=True)
+        direct: dict[str, torch.Tensor] = {}
+        maps: dict[Path, torch.Tensor] | None = None
+        kept: tuple[torch.Tensor, ...] = ()
+        if device.type == "cpu":
+            maps = {p: map_file(p) for p in dict.fromkeys(j.info.path for j in load.jobs)}
+            zero_copy = _zero_copy_jobs(load)
+            direct = {k: _file_view(maps, j) for k, j in zero_copy.items()}
+            # Only mappings that tensors view stay alive; the others go once the copies are done.
+            kept = tuple(maps[p] for p in dict.fromkeys(j.info.path for j in zero_copy.values()))
+        arena = Arena({k: s for k, s in load.specs.items() if k not in direct}, device)
+        _write([j for j in load.jobs if j.key not in direct], arena.views, device, maps)
+        module.load_state_dict({**direct, **arena.views}, assign=True, strict=True)
     except BaseException:
         # Put the meta tensors back so no module keeps views of a half-filled arena.
         module.load_state_dict(expected, assign=True, strict=False)
-        arena.release()
+        if arena is not None:
+            arena.release()
         raise
     module.arena_bytes = arena.nbytes
+    module.mapped_bytes = sum(nbytes_of(*load.specs[k]) for k in direct)
+    module._weight_maps = kept
     return module
