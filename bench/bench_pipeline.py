@@ -81,14 +81,14 @@ def cases(device: torch.device, size: str | None, quick: bool) -> list[Case]:
         out = [
             Case(big, 1024, 1024, 1, graphs=True),
             Case(big, 1024, 1024, 1, graphs=False),
-            Case(big, 1024, 1024, 4, graphs=True),
-            Case(big, 1024, 1024, 1, recipe="stability", decoder_guidance=1.1, graphs=True),
             Case(big, 1024, 1024, 1, graphs=True, memory="sequential"),
             Case(big, 1024, 1024, 1, graphs=True, memory="streaming"),
+            Case(big, 1024, 1024, 4, graphs=True),
+            Case(big, 1024, 1024, 1, recipe="stability", decoder_guidance=1.1, graphs=True),
         ]
         if size is None:
             out.append(Case("lite", 1024, 1024, 1, graphs=True))
-        return out[:3] if quick else out
+        return out[:4] if quick else out
     if quick:
         return [Case(size or "tiny", 256, 256, 1, prior_steps=6, steps=4)]
     return [Case(size or "lite", s, s, 1) for s in (256, 512)]

@@ -229,7 +229,7 @@ def _cpu_check() -> None:
         batch=1,
     )
     pipe, ours = build_diffusers_pipeline("tiny", "cpu", torch.float32, seed=0)
-    ref = pipe(
+    call = dict(
         prompt=kwargs["prompt"],
         height=256,
         width=256,
@@ -237,20 +237,10 @@ def _cpu_check() -> None:
         num_inference_steps=3,
         prior_guidance_scale=4.0,
         decoder_guidance_scale=0.0,
-        generator=torch.Generator().manual_seed(5),
         output_type="pt",
-    ).images
-    got = ours(
-        kwargs["prompt"],
-        height=256,
-        width=256,
-        prior_num_inference_steps=3,
-        num_inference_steps=3,
-        prior_guidance_scale=4.0,
-        decoder_guidance_scale=0.0,
-        generator=torch.Generator().manual_seed(5),
-        output_type="pt",
-    ).images
+    )
+    ref = pipe(**call, generator=torch.Generator().manual_seed(5)).images
+    got = ours(**call, generator=torch.Generator().manual_seed(5)).images
     staged = _run_once(pipe, dict(kwargs, seed=5), torch.device("cpu"))[1]
     print(f"tiny 256x256, 3+3 steps: max |ours - diffusers| = {(got - ref).abs().max().item():.3g}")
     print(f"stage-by-stage timing path vs combined call: {(staged - ref).abs().max().item():.3g}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from cascade_rt.call_args import (
+    RECIPES,
+    CallArgs,
+    check_number,
+    parse_call,
+    resolve_device,
+    resolve_dtype,
+)
 from cascade_rt.loops import (
     LoopKey,
     SamplingLoop,
@@ -31,34 +39,12 @@ from cascade_rt.loops import (
     text_program,
 )
 from cascade_rt.memory import MemoryPlanner, StageWeights
-from cascade_rt.resolution import latent_sizes
 from cascade_rt.runner import CacheInfo, Program, ProgramCache
 from cascade_rt.sampling import GeneratorArg, Sampler, make_sampler
 
 logger = logging.getLogger("cascade_rt")
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 STAGE_NAMES = {"prior": "Stage C", "decoder": "Stage B"}
-RECIPES = ("diffusers", "stability")
-# Call defaults per recipe: diffusers' StableCascadeCombinedPipeline, and the official notebooks.
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "diffusers": {
-        "height": 512,
-        "width": 512,
-        "prior_num_inference_steps": 60,
-        "prior_guidance_scale": 4.0,
-        "num_inference_steps": 12,
-        "decoder_guidance_scale": 0.0,
-    },
-    "stability": {
-        "height": 1024,
-        "width": 1024,
-        "prior_num_inference_steps": 20,
-        "prior_guidance_scale": 4.0,
-        "num_inference_steps": 10,
-        "decoder_guidance_scale": 1.1,
-    },
-}
 
 
 @dataclass
@@ -83,26 +69,6 @@ class PromptEmbeds:
     pooled: torch.Tensor  # [N, 1, P] projected EOS embedding
     uncond_text: torch.Tensor | None  # [N, 77, C] for the negative prompt, when guidance is on
     uncond_pooled: torch.Tensor | None  # [N, 1, P]
-
-
-def _or(value: Any, default: Any) -> Any:
-    return default if value is None else value
-
-
-def _as_prompt_list(prompt: str | Sequence[str], name: str) -> list[str]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt):
-        return list(prompt)
-    raise TypeError(f"{name} must be a str or a non-empty list of str, got {prompt!r}")
-
-
-def _check_number(name: str, value: Any, *, integer: bool, minimum: float) -> None:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 class Cascade:
@@ -287,9 +253,8 @@ class Cascade:
     def _sample(
         self,
         stage: str,
-        model: torch.nn.Module,
-        sampler: Sampler,
-        shape: tuple[int, ...],
+        batch: int,
+        size: tuple[int, int],
         steps: int,
         guidance_scale: float,
         cond: dict[str, torch.Tensor],
@@ -298,7 +263,11 @@ class Cascade:
     ) -> torch.Tensor:
         """One stage's sampling loop as a program run: the noise is drawn first, in the eager
         order, then the loop runs (or its graph replays) with no host work between steps. `cond`
-        tensors already hold [cond; uncond] rows when guidance is on."""
+        tensors already hold [cond; uncond] rows when guidance is on; `size` is the latent's
+        (H, W) and `batch` its images."""
+        model = self.prior if stage == "prior" else self.decoder
+        sampler = self.prior_sampler if stage == "prior" else self.decoder_sampler
+        shape = (batch, model.config.in_channels, *size)
         guided = sampler.guidance_enabled(guidance_scale)
         key = LoopKey(
             stage,
@@ -359,95 +328,81 @@ class Cascade:
         """Generates images; argument names and defaults follow StableCascadeCombinedPipeline
         (with recipe="stability", the official notebooks' defaults). Everything is validated
         before any model runs."""
-        d = DEFAULTS[self.recipe]
-        height = d["height"] if height is None else height
-        width = d["width"] if width is None else width
-        prior_steps = _or(prior_num_inference_steps, d["prior_num_inference_steps"])
-        prior_g = _or(prior_guidance_scale, d["prior_guidance_scale"])
-        steps = _or(num_inference_steps, d["num_inference_steps"])
-        dec_g = _or(decoder_guidance_scale, d["decoder_guidance_scale"])
-        prompts = _as_prompt_list(prompt, "prompt")
-        negatives = None
-        if negative_prompt is not None:
-            negatives = _as_prompt_list(negative_prompt, "negative_prompt")
-            if len(negatives) == 1 and len(prompts) > 1:
-                negatives = negatives * len(prompts)
-            if len(negatives) != len(prompts):
-                raise ValueError(
-                    f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}"
-                )
-        _check_number("prior_num_inference_steps", prior_steps, integer=True, minimum=1)
-        _check_number("num_inference_steps", steps, integer=True, minimum=1)
-        _check_number("prior_guidance_scale", prior_g, integer=False, minimum=0)
-        _check_number("decoder_guidance_scale", dec_g, integer=False, minimum=0)
-        _check_number("num_images_per_prompt", num_images_per_prompt, integer=True, minimum=1)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        sizes = latent_sizes(height, width, self.recipe)
-        n = len(prompts) * num_images_per_prompt
-        self._check_generator(generator, n)
-        prior_shape = (n, self.prior.config.in_channels, *sizes.stage_c)
-        if latents is not None:
-            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != prior_shape:
-                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents)
-                raise ValueError(f"latents must have shape {prior_shape}, got {got}")
-            if not latents.is_floating_point() or not torch.isfinite(latents).all():
-                raise ValueError("latents must be a finite floating-point tensor")
-        prior_guided = self.prior_sampler.guidance_enabled(prior_g)
-        decoder_guided = self.decoder_sampler.guidance_enabled(dec_g)
-        if (prior_guided or decoder_guided) and negatives is None:
-            negatives = [""] * len(prompts)
-        if not (prior_guided or decoder_guided):
-            negatives = None
+        args = parse_call(
+            recipe=self.recipe,
+            prior_sampler=self.prior_sampler,
+            decoder_sampler=self.decoder_sampler,
+            prior_channels=self.prior.config.in_channels,
+            device=self.device,
+            prompt=prompt,
+            height=height,
+            width=width,
+            prior_num_inference_steps=prior_num_inference_steps,
+            prior_guidance_scale=prior_guidance_scale,
+            num_inference_steps=num_inference_steps,
+            decoder_guidance_scale=decoder_guidance_scale,
+            negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            generator=generator,
+            latents=latents,
+            output_type=output_type,
+        )
+        return self._generate(args)
 
+    def _generate(self, args: CallArgs) -> CascadeOutput:
+        """Text -> Stage C -> Stage B -> Stage A for checked arguments."""
+        n = args.batch
         timings: dict[str, float] = {}
         self._host_ms.clear()
         with _stage_time("text_encoder", self.device, timings):
-            emb = self.encode_prompt(prompts, negatives, num_images_per_prompt)
+            emb = self.encode_prompt(args.prompts, args.negatives, args.num_images_per_prompt)
         with _stage_time("prior", self.device, timings):
             image_embeddings = self._sample(
                 "prior",
-                self.prior,
-                self.prior_sampler,
-                prior_shape,
-                prior_steps,
-                prior_g,
-                self._prior_cond(emb, n, prior_guided),
-                generator,
-                latents,
+                n,
+                args.sizes.stage_c,
+                args.prior_steps,
+                args.prior_guidance,
+                self._prior_cond(emb, n, args.prior_guided),
+                args.generator,
+                args.latents,
             )
         with _stage_time("decoder", self.device, timings):
             stage_b = self._sample(
                 "decoder",
-                self.decoder,
-                self.decoder_sampler,
-                (n, self.decoder.config.in_channels, *sizes.stage_b),
-                steps,
-                dec_g,
-                self._decoder_cond(emb, image_embeddings, decoder_guided),
-                generator,
+                n,
+                args.sizes.stage_b,
+                args.steps,
+                args.decoder_guidance,
+                self._decoder_cond(emb, image_embeddings, args.decoder_guided),
+                args.generator,
             )
-        if output_type == "latent":
+        if args.output_type == "latent":
             latent = stage_b.clone() if self.graphs else stage_b
             return CascadeOutput(latent, timings, dict(self._host_ms))
         with _stage_time("vqgan", self.device, timings):
-            shape = tuple(stage_b.shape)
-            program = self.programs.get(
-                ("vqgan", shape, self.dtype),
-                lambda: decode_program(
-                    self.vqgan,
-                    self.vqgan_scale_factor,
-                    shape,
-                    self.dtype,
-                    self.device,
-                    graph=self.graphs,
-                    pool=self.programs.pool,
-                ),
-            )
-            images = self._run("vqgan", program, {"latents": stage_b})["images"]  # static w/ graphs
-            result = _convert(images.clone() if output_type == "pt" else images, output_type)
+            images = self._decode(stage_b)  # static under graphs
+            pt = args.output_type == "pt"
+            result = _convert(images.clone() if pt else images, args.output_type)
         timings["total"] = sum(timings.values())
         return CascadeOutput(result, timings, dict(self._host_ms))
+
+    def _decode(self, stage_b: torch.Tensor) -> torch.Tensor:
+        """Stage A: Stage B latents -> images [B, 3, H, W] in [0, 1]."""
+        shape = tuple(stage_b.shape)
+        program = self.programs.get(
+            ("vqgan", shape, self.dtype),
+            lambda: decode_program(
+                self.vqgan,
+                self.vqgan_scale_factor,
+                shape,
+                self.dtype,
+                self.device,
+                graph=self.graphs,
+                pool=self.programs.pool,
+            ),
+        )
+        return self._run("vqgan", program, {"latents": stage_b})["images"]
 
     def _run(self, stage: str, program: Program, values: dict[str, torch.Tensor]):
         """Runs a stage's program with that stage's weights on the device (memory modes)."""
@@ -477,24 +432,6 @@ class Cascade:
             "effnet": torch.cat([image_embeddings, torch.zeros_like(image_embeddings)]),
         }
 
-    def _check_generator(self, generator, batch: int) -> None:
-        gens = generator if isinstance(generator, list) else [generator]
-        if isinstance(generator, list) and len(generator) not in (1, batch):
-            raise ValueError(
-                f"got a list of {len(generator)} generators for {batch} images "
-                "(prompts x num_images_per_prompt); pass one generator or one per image"
-            )
-        for g in gens:
-            if g is None:
-                continue
-            if not isinstance(g, torch.Generator):
-                raise TypeError(f"generator must be a torch.Generator, got {type(g).__name__}")
-            if g.device.type != "cpu" and g.device.type != self.device.type:
-                raise ValueError(
-                    f"a {g.device.type} generator cannot draw noise for a {self.device} pipeline; "
-                    "use a CPU generator or one on the pipeline's device"
-                )
-
     def warmup(self, prompt_count: int = 1, **call_kwargs: Any) -> CascadeOutput:
         """Captures (on CUDA) every program a call with these arguments needs, ahead of time, by
         running one throwaway generation: for products that cannot pay a first-call capture.
@@ -503,7 +440,7 @@ class Cascade:
         num_images_per_prompt, negative_prompt, ...) must match the later calls' shapes; guidance
         scales only need to agree on guided or not, and seeds do not matter.
         """
-        _check_number("prompt_count", prompt_count, integer=True, minimum=1)
+        check_number("prompt_count", prompt_count, integer=True, minimum=1)
         call_kwargs.setdefault("output_type", "latent")
         return self([""] * prompt_count, **call_kwargs)
 
@@ -545,32 +482,3 @@ def _convert(images: torch.Tensor, output_type: str):
     if output_type == "np":
         return arr
     return [Image.fromarray(img) for img in (arr * 255).round().astype("uint8")]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {dev} was asked for but CUDA is not available here")
-    return dev
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    names = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        if dtype not in names:
-            raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(names)}")
-        return names[dtype]
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
-    return dtype

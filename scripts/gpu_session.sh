@@ -3,7 +3,7 @@
 #
 #   CASCADE_RT_COMMIT=<short hash> bash scripts/gpu_session.sh [phase ...]
 #
-# Phases (default, in this order): wheels build gpu_tests bench pipeline profile; `tests` (the CPU
+# Phases (default, in this order): wheels build gpu_tests bench load pipeline profile; `tests` (the CPU
 # suite, which CI runs anyway) only when named. It runs from the repo root and writes under $OUT
 # (default ./out): session.log (one line per phase, rc and seconds), <phase>.log for each phase,
 # bench_results.jsonl (every bench row, each tagged with its op) and the pipeline bench's
@@ -70,7 +70,7 @@ log "commit: ${CASCADE_RT_COMMIT:-unknown (set CASCADE_RT_COMMIT)}"
 export CASCADE_RT_COMMIT=${CASCADE_RT_COMMIT:-unknown}
 
 phases=("$@")
-[ ${#phases[@]} -eq 0 ] && phases=(wheels build gpu_tests bench pipeline profile)
+[ ${#phases[@]} -eq 0 ] && phases=(wheels build gpu_tests bench load pipeline profile)
 rm -rf /tmp/bench_out && mkdir -p /tmp/bench_out
 for phase in "${phases[@]}"; do
   case $phase in
@@ -82,22 +82,23 @@ for phase in "${phases[@]}"; do
       log "wheels: none carried (.whl/ absent or empty)"
     fi
     ;;
-  build) run_phase build 150 bash -c phase_build ;;
-  gpu_tests) run_phase gpu_tests 80 "$PY" -m pytest -m gpu -q -p no:cacheprovider ;;
+  build) run_phase build 140 bash -c phase_build ;;
+  gpu_tests) run_phase gpu_tests 75 "$PY" -m pytest -m gpu -q -p no:cacheprovider ;;
   # The rest of the suite; with gpu_tests above, the whole suite runs once.
   tests) run_phase tests 120 "$PY" -m pytest -m "not gpu" -q -p no:cacheprovider ;;
   bench)
-    # Every op bench and the load bench; the pipeline has its own phase below.
+    # Every op bench; loading and the pipeline have their own phases below.
     # shellcheck disable=SC2086 # BENCH_ARGS holds several words, e.g. "--only vq_lookup"
-    run_phase bench 80 env OUT=/tmp/bench_out "$PY" bench/run_all.py --quick --skip pipeline ${BENCH_ARGS:-}
+    run_phase bench 70 env OUT=/tmp/bench_out "$PY" bench/run_all.py --quick --skip pipeline --skip load --skip first_image ${BENCH_ARGS:-}
     ;;
+  load) run_phase load 45 env OUT=/tmp/bench_out "$PY" bench/bench_load.py --quick ;;
   pipeline)
     # shellcheck disable=SC2086 # PIPELINE_ARGS, e.g. "--no-compile" or "--size lite"
-    run_phase pipeline 180 env OUT=/tmp/bench_out "$PY" bench/bench_pipeline.py --quick ${PIPELINE_ARGS:-}
+    run_phase pipeline 155 env OUT=/tmp/bench_out "$PY" bench/bench_pipeline.py --quick ${PIPELINE_ARGS:-}
     cp /tmp/bench_out/pipeline.md /tmp/bench_out/pipeline.png "$OUT"/ 2>/dev/null
     ;;
-  profile) run_phase profile 45 env OUT=/tmp/bench_out "$PY" bench/profile_step.py ;;
-  *) log "unknown phase '$phase' (known: wheels build gpu_tests tests bench pipeline profile)" && failed+=("$phase") ;;
+  profile) run_phase profile 40 env OUT=/tmp/bench_out "$PY" bench/profile_step.py ;;
+  *) log "unknown phase '$phase' (known: wheels build gpu_tests tests bench load pipeline profile)" && failed+=("$phase") ;;
   esac
 done
 # Benches write one <op>.jsonl each; they are merged so that few files come back.
