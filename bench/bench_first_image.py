@@ -37,8 +37,28 @@ _CHILD = textwrap.dedent(
         from cascade_rt import Cascade
         pipe = Cascade.from_pretrained(root, device=device, dtype=torch.float32)
     else:
-        from diffusers import StableCascadeCombinedPipeline
-        pipe = StableCascadeCombinedPipeline.from_pretrained(root, torch_dtype=torch.float32)
+        # diffusers 0.42 keeps PaellaVQModel among its deprecated pipelines, where the combined
+        # pipeline's from_pretrained cannot resolve it: the components are loaded one by one
+        # and assembled, as users of this release have to.
+        from diffusers import (
+            DDPMWuerstchenScheduler, StableCascadeCombinedPipeline, StableCascadeUNet
+        )
+        from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizerFast
+        f32 = dict(dtype=torch.float32)
+        te = CLIPTextModelWithProjection.from_pretrained(f"{root}/text_encoder", **f32)
+        tok = CLIPTokenizerFast.from_pretrained(f"{root}/tokenizer")
+        pipe = StableCascadeCombinedPipeline(
+            tokenizer=tok,
+            text_encoder=te,
+            decoder=StableCascadeUNet.from_pretrained(f"{root}/decoder", **f32),
+            scheduler=DDPMWuerstchenScheduler.from_pretrained(f"{root}/scheduler"),
+            vqgan=PaellaVQModel.from_pretrained(f"{root}/vqgan", **f32),
+            prior_prior=StableCascadeUNet.from_pretrained(f"{root}/prior_prior", **f32),
+            prior_text_encoder=te,
+            prior_tokenizer=tok,
+            prior_scheduler=DDPMWuerstchenScheduler.from_pretrained(f"{root}/prior_scheduler"),
+        )
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     t1 = time.perf_counter()
@@ -80,7 +100,9 @@ def _warm(root: Path) -> None:
 def _run(side: str, root: Path, device: torch.device, prior_steps: int, steps: int) -> dict:
     args = [sys.executable, "-c", _CHILD, side, str(root), str(device), str(prior_steps)]
     args += [str(steps), json.dumps(CALL)]
-    out = subprocess.run(args, capture_output=True, text=True, check=True)
+    out = subprocess.run(args, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{side} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
