@@ -441,7 +441,7 @@ class Cascade:
         scales only need to agree on guided or not, and seeds do not matter.
         """
         check_number("prompt_count", prompt_count, integer=True, minimum=1)
-        call_kwargs.setdefault("output_type", "latent")
+        call_kwargs.setdefault("output_type", "pt")  # runs (captures) Stage A too
         return self([""] * prompt_count, **call_kwargs)
 
     def memory_report(self) -> dict:
