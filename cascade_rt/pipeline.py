@@ -432,15 +432,22 @@ class Cascade:
             "effnet": torch.cat([image_embeddings, torch.zeros_like(image_embeddings)]),
         }
 
-    def warmup(self, prompt_count: int = 1, **call_kwargs: Any) -> CascadeOutput:
+    def warmup(
+        self, prompt_count: int = 1, batch: int | None = None, **call_kwargs: Any
+    ) -> CascadeOutput:
         """Captures (on CUDA) every program a call with these arguments needs, ahead of time, by
         running one throwaway generation: for products that cannot pay a first-call capture.
 
-        `prompt_count` and `call_kwargs` (height, width, steps, guidance scales,
-        num_images_per_prompt, negative_prompt, ...) must match the later calls' shapes; guidance
-        scales only need to agree on guided or not, and seeds do not matter.
+        `prompt_count`, `batch` (images per prompt, i.e. `num_images_per_prompt`) and
+        `call_kwargs` (height, width, steps, guidance scales, negative_prompt, ...) must match the
+        later calls' shapes; guidance scales only need to agree on guided or not, and seeds do
+        not matter.
         """
         check_number("prompt_count", prompt_count, integer=True, minimum=1)
+        if batch is not None:
+            if "num_images_per_prompt" in call_kwargs:
+                raise ValueError("give batch or num_images_per_prompt, not both")
+            call_kwargs["num_images_per_prompt"] = batch
         call_kwargs.setdefault("output_type", "pt")  # runs (captures) Stage A too
         return self([""] * prompt_count, **call_kwargs)
 

@@ -211,10 +211,10 @@ def test_program_fill_names_bad_inputs() -> None:
 def test_warmup_builds_every_program(pipe: Cascade) -> None:
     fresh = Cascade.from_random_weights("tiny", device="cpu", dtype=torch.float32, seed=3)
     fresh.set_progress_bar_config(disable=True)
-    fresh.warmup(prompt_count=2, **dict(CALL, output_type="pil"))
+    fresh.warmup(prompt_count=2, batch=2, **CALL)
     built = fresh.graph_cache_info().misses
     assert built == 4  # text, C loop, B loop, Stage A
-    fresh(["x", "y"], **CALL)
+    fresh(["x", "y"], num_images_per_prompt=2, **CALL)
     assert fresh.graph_cache_info().misses == built
 
 
