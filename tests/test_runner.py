@@ -276,3 +276,23 @@ def test_programs_share_one_pool() -> None:
     assert len({id(p.pool) for p in programs}) == 1 and programs[0].pool is pipe.programs.pool
     growth = [p.capture_bytes for p in programs]
     assert sum(growth) <= 1.25 * max(growth) + (16 << 20), growth
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("memory", ["sequential", "streaming"])
+@torch.inference_mode()
+def test_graphs_in_every_memory_mode(memory: str) -> None:
+    """Captured with swapped or streamed weights, replays give the resident eager image, also
+    after the other stages have refilled the shared region or slots."""
+    eager = _cuda_pipe(False, torch.bfloat16)
+    graphed = Cascade.from_random_weights(
+        "tiny", device="cuda", dtype=torch.bfloat16, seed=3, graphs=True, memory=memory
+    )
+    graphed.set_progress_bar_config(disable=True)
+    for seed in (1, 2, 1):
+        call = dict(CALL, output_type="pt")
+        a = eager("a fox", generator=torch.Generator().manual_seed(seed), **call).images
+        b = graphed("a fox", generator=torch.Generator().manual_seed(seed), **call).images
+        torch.testing.assert_close(b, a, atol=0, rtol=0)
+    assert graphed.memory_report()["mode"] == memory
