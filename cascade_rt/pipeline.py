@@ -53,7 +53,9 @@ class CascadeOutput:
 
     images: list[Image.Image] | np.ndarray | torch.Tensor
     timings_ms: dict[str, float] = field(default_factory=dict)
-    # Host time per stage to fill its static buffers and launch it (one graph replay on CUDA).
+    # Host time per stage to fill its static buffers and launch it (one graph replay on CUDA;
+    # all of the work when eager), and "<stage>_noise": drawing that loop's noise beforehand
+    # (on the host with a CPU generator, as diffusers draws it; a few launches with a CUDA one).
     host_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -285,8 +287,10 @@ class Cascade:
             ),
         )
         loop: SamplingLoop = program.body
+        start = time.perf_counter()
         x, noise = draw_loop_noise(sampler, loop.plan, shape, generator, latents)
         values = loop.values(x, noise, guidance_scale, cond)
+        self._host_ms[f"{stage}_noise"] = round((time.perf_counter() - start) * 1e3, 3)
         desc = STAGE_NAMES[stage]
         with tqdm(total=steps, desc=desc, disable=not self.progress, leave=False) as bar:
             loop.on_step = None if self.graphs else bar.update
