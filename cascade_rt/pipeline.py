@@ -39,6 +39,7 @@ from cascade_rt.loops import (
     text_program,
 )
 from cascade_rt.memory import MemoryPlanner, StageWeights
+from cascade_rt.memory.modes import check_request
 from cascade_rt.runner import CacheInfo, Program, ProgramCache
 from cascade_rt.sampling import GeneratorArg, Sampler, make_sampler
 
@@ -196,6 +197,7 @@ class Cascade:
 
         from cascade_rt.random_weights import build_random_models
 
+        check_request(memory)  # before minutes of drawing weights
         dev = resolve_device(device)
         build_on = dev if memory == "resident" else torch.device("cpu")
         with tempfile.TemporaryDirectory(prefix="cascade_rt_tok_") as tmp:

@@ -191,6 +191,11 @@ def test_cache_is_a_bounded_lru() -> None:
     assert ("text_encoder", (1 + 1, 77)) in info.keys  # used most recently but one: kept
 
 
+def test_unknown_memory_mode_fails_before_building() -> None:
+    with pytest.raises(ValueError, match="unknown memory mode .vram.; choose one of auto"):
+        Cascade.from_random_weights("big", device="cpu", memory="vram")
+
+
 def test_cache_rejects_bad_settings() -> None:
     with pytest.raises(ValueError, match="graphs=True needs a CUDA device"):
         ProgramCache(torch.device("cpu"), graphs=True)
