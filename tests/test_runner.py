@@ -192,7 +192,7 @@ def test_cache_is_a_bounded_lru() -> None:
 
 
 def test_unknown_memory_mode_fails_before_building() -> None:
-    with pytest.raises(ValueError, match="unknown memory mode .vram.; choose one of auto"):
+    with pytest.raises(ValueError, match="unknown memory mode 'vram'; choose one of auto"):
         Cascade.from_random_weights("big", device="cpu", memory="vram")
 
 
