@@ -229,14 +229,14 @@ def _cpu_check() -> None:
         batch=1,
     )
     pipe, ours = build_diffusers_pipeline("tiny", "cpu", torch.float32, seed=0)
-    call = dict(
+    call = dict(  # the same settings under the pipelines' argument names
         prompt=kwargs["prompt"],
-        height=256,
-        width=256,
-        prior_num_inference_steps=3,
-        num_inference_steps=3,
-        prior_guidance_scale=4.0,
-        decoder_guidance_scale=0.0,
+        height=kwargs["height"],
+        width=kwargs["width"],
+        prior_num_inference_steps=kwargs["prior_steps"],
+        num_inference_steps=kwargs["steps"],
+        prior_guidance_scale=kwargs["prior_guidance"],
+        decoder_guidance_scale=kwargs["decoder_guidance"],
         output_type="pt",
     )
     ref = pipe(**call, generator=torch.Generator().manual_seed(5)).images

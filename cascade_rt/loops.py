@@ -89,14 +89,13 @@ class SamplingLoop:
         )
         conditions = model.prepare((h, w), **{name: inputs[name] for name, _ in key.cond})
         x, noise, scale = inputs["x"], inputs["noise"], inputs["scale"]
+        rows = 2 * b if key.guided else b  # [cond; uncond] share x and r
         for i in range(key.steps):
-            r = plan.model_r[i].expand(b)  # [B] fp32
+            r = plan.model_r[i].expand(rows)  # [rows] fp32
             xm = x.to(key.dtype)  # the stability recipe keeps x in fp32
             if key.guided:
                 eps_c, eps_u = model(
-                    sample=torch.cat([xm, xm]),
-                    timestep_ratio=torch.cat([r, r]),
-                    conditions=conditions,
+                    sample=torch.cat([xm, xm]), timestep_ratio=r, conditions=conditions
                 ).chunk(2)
                 eps = sampler.guide(eps_c, eps_u, scale)
             else:

@@ -101,8 +101,7 @@ class Cascade:
         if recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
         if not isinstance(memory, MemoryPlanner):
-            given = {"text_encoder": text_encoder, "prior": prior, "decoder": decoder}
-            given["vqgan"] = vqgan
+            given = dict(text_encoder=text_encoder, prior=prior, decoder=decoder, vqgan=vqgan)
             if missing := [name for name, m in given.items() if m is None]:
                 raise ValueError(f"Cascade needs the modules {missing} (or a MemoryPlanner)")
             dev = torch.device(device) if device is not None else next(prior.parameters()).device
